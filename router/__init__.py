@@ -1,0 +1,1 @@
+"""Switchyard's decision logic: config, routing, errors, pricing, provider adapters, the client."""

@@ -1,0 +1,148 @@
+"""The routing config: a TOML file decoded once into Structs and validated."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from schemas import Target
+
+Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+class ConfigError(ValueError):
+    """The config does not decode or is inconsistent; the message names the field."""
+
+
+class ProviderConfig(Struct, kw_only=True, forbid_unknown_fields=True):
+    format: Literal["openai", "anthropic", "gemini"]
+    base_url: str
+    api_key_env: str | None = None
+    api_key_ref: str | None = None
+    headers: dict[str, str] = {}
+    genai_prices_id: str | None = None
+    """Provider id in genai-prices, when it differs from the provider's name (e.g. `google`)."""
+
+
+class RetryPolicy(Struct, kw_only=True, forbid_unknown_fields=True):
+    attempts: Annotated[int, Meta(ge=1, le=20)] = 3
+    initial_ms: Annotated[int, Meta(ge=0)] = 100
+    multiplier: Annotated[float, Meta(ge=1.0)] = 2.0
+    max_ms: Annotated[int, Meta(ge=0)] = 5000
+    jitter: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.25
+
+
+class BreakerPolicy(Struct, kw_only=True, forbid_unknown_fields=True):
+    failures: Annotated[int, Meta(ge=1)] = 5
+    cooldown_ms: Annotated[int, Meta(ge=0)] = 60_000
+    successes: Annotated[int, Meta(ge=1)] = 2
+
+
+class PoolConfig(Struct, kw_only=True, forbid_unknown_fields=True):
+    provider: str
+    concurrency: Annotated[int, Meta(ge=1, le=10_000)] = 64
+    timeout_ms: Annotated[int, Meta(ge=100)] = 60_000
+    retry: RetryPolicy = msgspec.field(default_factory=RetryPolicy)
+    breaker: BreakerPolicy = msgspec.field(default_factory=BreakerPolicy)
+
+
+class RateLimit(Struct, kw_only=True, forbid_unknown_fields=True):
+    per_second: Annotated[float, Meta(gt=0)] = 10
+    burst: Annotated[int, Meta(ge=1)] = 50
+
+
+class Budget(Struct, kw_only=True, forbid_unknown_fields=True):
+    daily_usd: Annotated[float, Meta(ge=0)] = 100.0
+    monthly_usd: Annotated[float, Meta(ge=0)] = 1000.0
+    alert_at: Annotated[float, Meta(gt=0, le=1)] = 0.8
+
+
+class Limits(Struct, kw_only=True, forbid_unknown_fields=True):
+    rate: RateLimit = msgspec.field(default_factory=RateLimit)
+    budget: Budget = msgspec.field(default_factory=Budget)
+
+
+class LimitsConfig(Struct, kw_only=True, forbid_unknown_fields=True):
+    default: Limits = msgspec.field(default_factory=Limits)
+    accounts: dict[str, Limits] = {}
+
+
+class Config(Struct, kw_only=True, forbid_unknown_fields=True):
+    subject_prefix: Name = "llm"
+    providers: dict[Name, ProviderConfig]
+    pools: dict[Name, PoolConfig]
+    routes: dict[Name, dict[Name, list[str]]]
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+
+    def route(self, use_case: str, tier: str) -> list[Target] | None:
+        """The targets for use case × tier, falling back to the use case's `default` tier."""
+        tiers = self.routes.get(use_case)
+        if tiers is None:
+            return None
+        names = tiers.get(tier) or tiers.get("default")
+        if not names:
+            return None
+        return [parse_target(n) for n in names]
+
+
+def parse_target(name: str) -> Target:
+    pool, sep, model = name.partition(":")
+    if not sep or not pool or not model:
+        raise ValueError(f"target {name!r} is not of the form `pool:model`")
+    return Target(pool=pool, model=model)
+
+
+def _check(cfg: Config) -> None:
+    for name, pool in cfg.pools.items():
+        if pool.provider not in cfg.providers:
+            raise ConfigError(f"pools.{name}.provider: unknown provider {pool.provider!r}")
+    for use_case, tiers in cfg.routes.items():
+        for tier, targets in tiers.items():
+            where = f"routes.{use_case}.{tier}"
+            if not targets:
+                raise ConfigError(f"{where}: needs at least one target")
+            for i, t in enumerate(targets):
+                try:
+                    target = parse_target(t)
+                except ValueError as exc:
+                    raise ConfigError(f"{where}[{i}]: {exc}") from None
+                if target.pool not in cfg.pools:
+                    raise ConfigError(f"{where}[{i}]: unknown pool {target.pool!r}")
+    for name, prov in cfg.providers.items():
+        if not prov.base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"providers.{name}.base_url: must start with http:// or https://")
+
+
+def from_mapping(raw: Mapping[str, object]) -> Config:
+    try:
+        cfg = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        if " - at `$." in text:
+            msg, _, where = text.rpartition(" - at `$.")
+            raise ConfigError(f"{where.rstrip('`')}: {msg}") from None
+        raise ConfigError(text) from None
+    _check(cfg)
+    return cfg
+
+
+def load(path: Path) -> Config:
+    """Read and validate a TOML config file. Raises ConfigError naming the bad field."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return from_mapping(raw)
+
+
+def encode(cfg: Config) -> bytes:
+    return msgspec.json.encode(cfg)
+
+
+def decode(data: bytes) -> Config:
+    return from_mapping(msgspec.json.decode(data))

@@ -1,0 +1,142 @@
+"""What every adapter produces, and the one driver that runs an adapter over httpx.
+
+Adapters only translate: our request to the provider's HTTP body, the provider's
+answer (whole or streamed) to events, the provider's errors to our codes.
+Retry, breaker and fallback live outside them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+from typing import NamedTuple, Protocol
+
+import httpx
+from msgspec import Struct
+
+from schemas import Request, ToolCall, Usage
+
+from ..errors import ErrorCode, ProviderFailure, StreamBroken
+from .sse import SSEvent, iter_events
+
+
+class TextDelta(Struct):
+    text: str
+
+
+class Finished(Struct, kw_only=True):
+    """The terminal event of a call: everything the `done` reply needs from the provider."""
+
+    finish_reason: str
+    usage: Usage
+    raw_usage: dict[str, object] | None = None
+    tool_calls: list[ToolCall] = []
+    model: str | None = None
+
+
+Event = TextDelta | Finished
+
+# One vocabulary of finish reasons across providers.
+FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter", "error")
+
+
+class HttpCall(NamedTuple):
+    url: str
+    headers: dict[str, str]
+    body: dict[str, object]
+
+
+class StreamParser(Protocol):
+    def feed(self, event: SSEvent) -> list[Event]:
+        """Translate one SSE event; raise StreamBroken on a malformed or error event."""
+
+    def close(self) -> list[Event]:
+        """The stream ended: return the Finished event, or raise StreamBroken if it ended early."""
+
+
+class Adapter(Protocol):
+    format: str
+
+    def build(
+        self, req: Request, *, model: str, base_url: str, api_key: str | None, headers: Mapping[str, str]
+    ) -> HttpCall: ...
+
+    def parse_response(self, body: bytes) -> list[Event]: ...
+
+    def stream_parser(self) -> StreamParser: ...
+
+    def translate_error(self, status: int, headers: httpx.Headers, body: bytes) -> ProviderFailure: ...
+
+
+def retry_after_ms(headers: httpx.Headers) -> int | None:
+    """Delay asked for by `retry-after-ms` or `Retry-After` (seconds), if any."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0, int(float(ms)))
+        except ValueError:
+            pass
+    secs = headers.get("retry-after")
+    if secs:
+        try:
+            return max(0, int(float(secs) * 1000))
+        except ValueError:
+            return None
+    return None
+
+
+def error_body(body: bytes) -> dict[str, object]:
+    """The provider's JSON error body, or {} when it is not JSON."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+async def run(
+    http: httpx.AsyncClient,
+    adapter: Adapter,
+    call: HttpCall,
+    *,
+    stream: bool,
+    timeout: httpx.Timeout,
+) -> AsyncIterator[Event]:
+    """Make the call and yield its events, ending with exactly one Finished.
+
+    Raises ProviderFailure (connect/read failures and HTTP errors translated by the
+    adapter) and StreamBroken when a stream ends without the provider's terminal event.
+    """
+    started = False
+    try:
+        if not stream:
+            resp = await http.post(call.url, json=call.body, headers=call.headers, timeout=timeout)
+            if resp.status_code >= 400:
+                raise adapter.translate_error(resp.status_code, resp.headers, resp.content)
+            for ev in adapter.parse_response(resp.content):
+                yield ev
+            return
+        async with http.stream(
+            "POST", call.url, json=call.body, headers=call.headers, timeout=timeout
+        ) as resp:
+            if resp.status_code >= 400:
+                raise adapter.translate_error(resp.status_code, resp.headers, await resp.aread())
+            parser = adapter.stream_parser()
+            async for sse in iter_events(resp.aiter_lines()):
+                for ev in parser.feed(sse):
+                    started = True
+                    yield ev
+            for ev in parser.close():
+                yield ev
+    except httpx.TimeoutException as exc:
+        if started:
+            raise StreamBroken(f"the provider stopped sending mid-stream ({type(exc).__name__})") from exc
+        raise ProviderFailure(
+            ErrorCode.PROVIDER_ERROR, f"provider timed out ({type(exc).__name__})", retry=True
+        ) from exc
+    except httpx.TransportError as exc:
+        if started:
+            raise StreamBroken(f"the provider's connection broke mid-stream ({type(exc).__name__})") from exc
+        raise ProviderFailure(
+            ErrorCode.PROVIDER_ERROR, f"could not reach the provider ({type(exc).__name__})", retry=True
+        ) from exc
