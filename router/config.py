@@ -27,6 +27,8 @@ class ProviderConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     headers: dict[str, str] = {}
     genai_prices_id: str | None = None
     """Provider id in genai-prices, when it differs from the provider's name (e.g. `google`)."""
+    free: bool = False
+    """The provider does not charge (a local model, the demo provider): cost is 0."""
 
 
 class RetryPolicy(Struct, kw_only=True, forbid_unknown_fields=True):

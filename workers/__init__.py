@@ -1,0 +1,1 @@
+"""Switchyard's long-running processes and the embedded dev stack."""

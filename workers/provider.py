@@ -1,0 +1,289 @@
+"""A provider worker: serves one pool's work items, streams replies, records completions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+
+import httpx
+import structlog
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from router import pricing, providers
+from router.config import Config, PoolConfig, ProviderConfig
+from router.errors import ErrorCode, ProviderFailure, SwitchyardError
+from router.retry import backoff_ms
+from schemas import (
+    Attempt,
+    Chunk,
+    CompletionEvent,
+    Done,
+    Request,
+    ToolCall,
+    Usage,
+    WorkItem,
+    decode_work,
+    encode,
+)
+
+from .publish import Publisher, now_ms, prompt_fingerprint
+from .runtime import MAX_DELIVER
+
+log = structlog.get_logger("worker")
+
+KEEPALIVE_S = 10.0
+"""How often a long call tells JetStream it is still in progress (ack_wait is 30 s)."""
+
+
+@dataclass
+class _Outcome:
+    """What one request produced, successful or not."""
+
+    seq: int = 0
+    text: list[str] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: Usage = field(default_factory=Usage)
+    raw_usage: dict[str, object] | None = None
+    first_token_ms: int | None = None
+
+
+@contextlib.asynccontextmanager
+async def _keepalive(msg: Msg) -> AsyncIterator[None]:
+    async def beat() -> None:
+        while True:
+            await asyncio.sleep(KEEPALIVE_S)
+            try:
+                await msg.in_progress()
+            except Exception as exc:  # a missed beat is not worth failing the request for
+                log.warning("keepalive_failed", error=repr(exc))
+
+    # A plain task, not a TaskGroup: a TaskGroup would wrap the body's own errors in a group.
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+class PoolWorker:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        pub: Publisher,
+        http: httpx.AsyncClient,
+        cfg: Config,
+        pool: str,
+        api_keys: Mapping[str, str | None],
+    ) -> None:
+        self.js = js
+        self.pub = pub
+        self.http = http
+        self.cfg = cfg
+        self.pool_name = pool
+        self.pool: PoolConfig = cfg.pools[pool]
+        self.provider_name = self.pool.provider
+        self.provider: ProviderConfig = cfg.providers[self.provider_name]
+        self.adapter = providers.adapter_for(self.provider.format)
+        self.api_key = api_keys.get(self.provider_name)
+        self._slots = asyncio.Semaphore(self.pool.concurrency)
+        self.log = log.bind(pool=pool)
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        sub = await self.js.pull_subscribe_bind(f"pool-{self.pool_name}", "LLM_WORK")
+        self.log.info("worker_started", provider=self.provider_name, concurrency=self.pool.concurrency)
+        async with asyncio.TaskGroup() as tg:
+            while not stop.is_set():
+                await self._slots.acquire()
+                free = 1
+                while free < 32 and not self._slots.locked():
+                    await self._slots.acquire()
+                    free += 1
+                try:
+                    msgs = await sub.fetch(free, timeout=1)
+                except asyncio.TimeoutError:
+                    msgs = []
+                for _ in range(free - len(msgs)):
+                    self._slots.release()
+                for msg in msgs:
+                    tg.create_task(self._guarded(msg))
+        await sub.unsubscribe()
+
+    async def _guarded(self, msg: Msg) -> None:
+        try:
+            await self.handle(msg)
+        finally:
+            self._slots.release()
+
+    async def handle(self, msg: Msg) -> None:
+        """One work item: the error boundary. Never raises except on cancellation."""
+        try:
+            work = decode_work(msg.data)
+        except ValueError as exc:
+            self.log.error("bad_work_item", error=str(exc))
+            await self.pub.dead_letter(
+                "work", msg.data, subject=msg.subject, code=ErrorCode.INVALID_REQUEST.value, error=str(exc)
+            )
+            await msg.term()
+            return
+        req = work.request
+        bound = self.log.bind(request_id=req.id, account=req.account)
+        out = _Outcome()
+        try:
+            async with _keepalive(msg):
+                await self._serve(msg, work, out, bound)
+        except Exception as exc:
+            bound.exception("worker_failed")
+            if msg.metadata.num_delivered < MAX_DELIVER and out.seq == 0:
+                await msg.nak(delay=1)
+                return
+            err = SwitchyardError(ErrorCode.INTERNAL, f"the worker failed on this request ({type(exc).__name__})")
+            await self.pub.reply(req.reply_to, err.to_reply(req.id, out.seq))
+            await self.pub.dead_letter(
+                "work", msg.data, subject=msg.subject, code=err.code.value, error=repr(exc), request_id=req.id
+            )
+            await self._event(work, out, error=err.code.value)
+            await msg.term()
+
+    async def _serve(self, msg: Msg, work: WorkItem, out: _Outcome, bound: structlog.BoundLogger) -> None:
+        req = work.request
+        target = work.route[0]
+        started = now_ms()
+        deadline_ms = work.accepted_ms + req.timeout_ms
+        failure: SwitchyardError | None = None
+        try:
+            async with asyncio.timeout(max(0.0, (deadline_ms - started) / 1000)):
+                failure = await self._call_with_retries(req, target.model, out)
+        except TimeoutError:
+            failure = SwitchyardError(ErrorCode.TIMEOUT, f"the request's timeout of {req.timeout_ms} ms passed")
+        attempt = Attempt(
+            pool=self.pool_name,
+            model=target.model,
+            error=failure.code.value if failure else None,
+            latency_ms=now_ms() - started,
+        )
+        work.attempts.append(attempt)
+        if failure is None:
+            await self._done(req, work, out)
+            await self._event(work, out, error=None)
+            await msg.ack()
+            bound.info("completed", latency_ms=now_ms() - work.accepted_ms, chunks=out.seq,
+                       input_tokens=out.usage.input_tokens, output_tokens=out.usage.output_tokens)
+            return
+        if self._can_fall_back(work, out, failure):
+            nxt = WorkItem(request=req, route=work.route[1:], attempts=work.attempts, accepted_ms=work.accepted_ms)
+            await self.js.publish(
+                f"{self.pub.prefix}.work.{nxt.route[0].pool}",
+                encode(nxt),
+                headers={"Nats-Msg-Id": f"{req.id}:{len(nxt.attempts)}"},
+            )
+            await msg.ack()
+            bound.warning("fell_back", code=failure.code.value, error=failure.message, to=str(nxt.route[0]))
+            return
+        await self.pub.reply(req.reply_to, failure.to_reply(req.id, out.seq))
+        await self._event(work, out, error=failure.code.value)
+        await msg.ack()
+        bound.warning("failed", code=failure.code.value, error=failure.message, chunks=out.seq)
+
+    @staticmethod
+    def _can_fall_back(work: WorkItem, out: _Outcome, failure: SwitchyardError) -> bool:
+        # Only before the first chunk, and not for a request the next provider would refuse too.
+        return (
+            len(work.route) > 1
+            and out.seq == 0
+            and failure.code not in (ErrorCode.INVALID_REQUEST, ErrorCode.TIMEOUT)
+        )
+
+    async def _call_with_retries(self, req: Request, model: str, out: _Outcome) -> ProviderFailure | None:
+        """Call the provider, retrying retryable failures until a chunk went out. Returns the last failure."""
+        policy = self.pool.retry
+        call = self.adapter.build(
+            req, model=model, base_url=self.provider.base_url, api_key=self.api_key, headers=self.provider.headers
+        )
+        timeout = httpx.Timeout(connect=5.0, read=self.pool.timeout_ms / 1000, write=10.0, pool=5.0)
+        for attempt in range(policy.attempts):
+            try:
+                async for ev in providers.run(self.http, self.adapter, call, stream=req.stream, timeout=timeout):
+                    match ev:
+                        case providers.TextDelta(text=text):
+                            await self._text(req, out, text)
+                        case providers.Finished() as fin:
+                            out.finish_reason = fin.finish_reason
+                            out.usage = fin.usage
+                            out.raw_usage = fin.raw_usage
+                            out.tool_calls = fin.tool_calls
+                return None
+            except ProviderFailure as failure:
+                if not failure.retry or out.seq > 0 or attempt == policy.attempts - 1:
+                    return failure
+                delay = backoff_ms(policy, attempt, asked_ms=failure.retry_after_ms)
+                self.log.info("retrying", request_id=req.id, code=failure.code.value, delay_ms=delay,
+                              http_status=failure.http_status)
+                await asyncio.sleep(delay / 1000)
+        raise AssertionError("unreachable: the loop returns on its last attempt")
+
+    async def _text(self, req: Request, out: _Outcome, text: str) -> None:
+        if out.first_token_ms is None:
+            out.first_token_ms = now_ms()
+        out.text.append(text)
+        if req.stream and text:
+            await self.pub.reply(req.reply_to, Chunk(id=req.id, seq=out.seq, text=text))
+            out.seq += 1
+
+    def _cost(self, model: str, usage: Usage) -> float | None:
+        if self.provider.free:
+            return 0.0
+        return pricing.cost_usd(usage, model, provider_id=self.provider.genai_prices_id or self.provider_name)
+
+    async def _done(self, req: Request, work: WorkItem, out: _Outcome) -> None:
+        model = work.route[0].model
+        done = Done(
+            id=req.id,
+            seq=out.seq,
+            text="".join(out.text),
+            tool_calls=out.tool_calls,
+            finish_reason=out.finish_reason or "stop",
+            provider=self.provider_name,
+            model=model,
+            usage=out.usage,
+            cost_usd=self._cost(model, out.usage),
+            attempts=work.attempts,
+            latency_ms=now_ms() - work.accepted_ms,
+            ttft_ms=(out.first_token_ms - work.accepted_ms) if out.first_token_ms else None,
+        )
+        await self.pub.reply(req.reply_to, done)
+
+    async def _event(self, work: WorkItem, out: _Outcome, *, error: str | None) -> None:
+        req = work.request
+        chars, digest = prompt_fingerprint(req)
+        model = work.route[0].model
+        finished = now_ms()
+        await self.pub.event(
+            CompletionEvent(
+                id=req.id,
+                account=req.account,
+                use_case=req.use_case or "",
+                tier=req.tier,
+                status="error" if error else "ok",
+                code=error,
+                provider=self.provider_name,
+                model=model,
+                attempts=work.attempts,
+                usage=out.usage,
+                raw_usage=out.raw_usage,
+                cost_usd=None if error else self._cost(model, out.usage),
+                latency_ms=finished - work.accepted_ms,
+                ttft_ms=(out.first_token_ms - work.accepted_ms) if out.first_token_ms else None,
+                started_ms=work.accepted_ms,
+                finished_ms=finished,
+                prompt_chars=chars,
+                prompt_sha256=digest,
+                finish_reason=out.finish_reason,
+                metadata=req.metadata,
+            )
+        )

@@ -1,0 +1,169 @@
+"""What every process shares: logging, the NATS connection, the streams and consumers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import nats
+import structlog
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.errors import NotFoundError
+
+from router.config import Config
+from router.redact import redact_secrets
+
+DAY = 86_400.0
+MAX_DELIVER = 5
+"""Deliveries of one request or work item before it is dead-lettered."""
+
+
+def configure_logging(level: str = "info") -> None:
+    """JSON lines on stdout, secrets masked. Call once, from main()."""
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            redact_secrets,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=True,
+    )
+
+
+def run(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
+    """Run a process's main coroutine on uvloop.
+
+    The first SIGINT/SIGTERM sets the stop event: loops stop fetching and finish what
+    they hold. A second one cancels everything at once.
+    """
+    import uvloop
+
+    async def guarded() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if stop.is_set():
+                task.cancel()
+            stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            await main(stop)
+        except asyncio.CancelledError:
+            pass
+
+    uvloop.run(guarded())
+
+
+def nats_url() -> str:
+    return os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
+
+
+async def connect(url: str, name: str) -> NATS:
+    log = structlog.get_logger()
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats_error", error=str(exc))
+
+    async def on_disconnect() -> None:
+        log.warning("nats_disconnected")
+
+    async def on_reconnect() -> None:
+        log.info("nats_reconnected")
+
+    return await nats.connect(
+        url,
+        name=name,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+    )
+
+
+def _streams(prefix: str) -> list[js_api.StreamConfig]:
+    work = js_api.RetentionPolicy.WORK_QUEUE
+    limits = js_api.RetentionPolicy.LIMITS
+    file = js_api.StorageType.FILE
+    return [
+        js_api.StreamConfig(name="LLM_REQ", subjects=[f"{prefix}.req.>"], retention=work, storage=file,
+                            duplicate_window=120.0),
+        js_api.StreamConfig(name="LLM_WORK", subjects=[f"{prefix}.work.>"], retention=work, storage=file,
+                            duplicate_window=120.0),
+        js_api.StreamConfig(name="LLM_EVENTS", subjects=[f"{prefix}.events.>"], retention=limits, storage=file,
+                            max_age=7 * DAY, duplicate_window=120.0),
+        js_api.StreamConfig(name="LLM_DLQ", subjects=[f"{prefix}.dlq.>"], retention=limits, storage=file,
+                            max_age=30 * DAY),
+        js_api.StreamConfig(name="LLM_RES", subjects=[f"{prefix}.res.>"], retention=limits, storage=file,
+                            max_age=DAY, duplicate_window=120.0),
+    ]
+
+
+def pool_consumer(prefix: str, pool: str, concurrency: int) -> js_api.ConsumerConfig:
+    return js_api.ConsumerConfig(
+        durable_name=f"pool-{pool}",
+        filter_subject=f"{prefix}.work.{pool}",
+        ack_policy=js_api.AckPolicy.EXPLICIT,
+        ack_wait=30.0,
+        max_deliver=MAX_DELIVER,
+        max_ack_pending=concurrency,
+        max_waiting=512,
+    )
+
+
+def dispatch_consumer(prefix: str) -> js_api.ConsumerConfig:
+    return js_api.ConsumerConfig(
+        durable_name="dispatch",
+        filter_subject=f"{prefix}.req.>",
+        ack_policy=js_api.AckPolicy.EXPLICIT,
+        ack_wait=30.0,
+        max_deliver=MAX_DELIVER,
+        max_ack_pending=1000,
+        max_waiting=512,
+    )
+
+
+def audit_consumer(prefix: str) -> js_api.ConsumerConfig:
+    # No max_deliver: an event waits for PostgreSQL as long as it takes, never dropped.
+    return js_api.ConsumerConfig(
+        durable_name="audit",
+        filter_subject=f"{prefix}.events.>",
+        ack_policy=js_api.AckPolicy.EXPLICIT,
+        ack_wait=60.0,
+        max_ack_pending=20_000,
+        max_waiting=512,
+    )
+
+
+async def ensure_topology(js: JetStreamContext, cfg: Config) -> None:
+    """Create or update every stream and durable consumer; safe to run from every replica."""
+    prefix = cfg.subject_prefix
+    for stream in _streams(prefix):
+        assert stream.name is not None
+        try:
+            await js.stream_info(stream.name)
+        except NotFoundError:
+            await js.add_stream(stream)
+        else:
+            await js.update_stream(stream)
+    consumers = [("LLM_REQ", dispatch_consumer(prefix)), ("LLM_EVENTS", audit_consumer(prefix))]
+    consumers += [("LLM_WORK", pool_consumer(prefix, name, p.concurrency)) for name, p in cfg.pools.items()]
+    for stream_name, consumer in consumers:
+        await js.add_consumer(stream_name, consumer)
