@@ -5,7 +5,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -120,15 +120,43 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"providers.{name}.base_url: must start with http:// or https://")
 
 
-def from_mapping(raw: Mapping[str, object]) -> Config:
+def _convert(raw: object, typ: type[Any], where: str) -> Any:
     try:
-        cfg = msgspec.convert(raw, Config)
+        return msgspec.convert(raw, typ)
     except msgspec.ValidationError as exc:
-        text = str(exc)
-        if " - at `$." in text:
-            msg, _, where = text.rpartition(" - at `$.")
-            raise ConfigError(f"{where.rstrip('`')}: {msg}") from None
-        raise ConfigError(text) from None
+        msg, sep, path = str(exc).rpartition(" - at `$")
+        if not sep:
+            raise ConfigError(f"{where or 'config'}: {exc}") from None
+        path = path.rstrip("`")
+        path = path if path.startswith("[") else path.lstrip(".")
+        dotted = f"{where}.{path}" if where and path and not path.startswith("[") else f"{where}{path}"
+        raise ConfigError(f"{dotted}: {msg}") from None
+
+
+def _named_sections(raw: Mapping[str, object]) -> None:
+    """Check each named entry on its own, so an error names its pool/provider/route, not `[...]`."""
+    for section, typ in (("providers", ProviderConfig), ("pools", PoolConfig)):
+        entries = raw.get(section)
+        if isinstance(entries, dict):
+            for key, value in entries.items():
+                _convert(value, typ, f"{section}.{key}")
+    routes = raw.get("routes")
+    if isinstance(routes, dict):
+        for use_case, tiers in routes.items():
+            if isinstance(tiers, dict):
+                for tier, targets in tiers.items():
+                    _convert(targets, list[str], f"routes.{use_case}.{tier}")
+    limits = raw.get("limits")
+    accounts = limits.get("accounts") if isinstance(limits, dict) else None
+    if isinstance(accounts, dict):
+        for key, value in accounts.items():
+            _convert(value, Limits, f"limits.accounts.{key}")
+
+
+def from_mapping(raw: Mapping[str, object]) -> Config:
+    """Validate a decoded config. Raises ConfigError whose message starts with the field's path."""
+    _named_sections(raw)
+    cfg: Config = _convert(raw, Config, "")
     _check(cfg)
     return cfg
 

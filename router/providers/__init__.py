@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import openai
+from . import anthropic, openai
 from .base import Adapter, Event, Finished, HttpCall, TextDelta, run
 
-_ADAPTERS: dict[str, ModuleType] = {"openai": openai}
+_ADAPTERS: dict[str, ModuleType] = {"openai": openai, "anthropic": anthropic}
 
 
 def adapter_for(fmt: str) -> Adapter:

@@ -13,6 +13,7 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 from aiohttp import web
 from msgspec import Struct, field
 
@@ -116,7 +117,7 @@ class FakeServer:
 
     def __init__(self, default: Scenario | None = None) -> None:
         self.default = default or Scenario()
-        self.scenarios: dict[str, Scenario] = {k: v.__copy__() for k, v in BUILTIN.items()}
+        self.scenarios: dict[str, Scenario] = {k: msgspec.structs.replace(v) for k, v in BUILTIN.items()}
         self.requests: list[dict[str, Any]] = []
         self.request_headers: list[dict[str, str]] = []
         self._runner: web.AppRunner | None = None
@@ -159,7 +160,7 @@ class FakeServer:
         sc = self.scenarios[name]
         sc.hits += 1
         if sc.fail_times is not None and sc.hits > sc.fail_times:
-            return Scenario(**{f: getattr(sc, f) for f in sc.__struct_fields__ if f not in ("status", "hits")})
+            return msgspec.structs.replace(sc, status=None, hits=0)
         return sc
 
     async def read_json(self, request: web.Request) -> dict[str, Any]:

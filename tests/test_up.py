@@ -1,0 +1,84 @@
+"""`make run` as a new user tries it: the fleet starts, answers `switchyard ask`, and stops cleanly."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _clean_env(data_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NATS_URL", "DATABASE_URL") and not k.endswith("_API_KEY")}
+    env["SWITCHYARD_DATA_DIR"] = str(data_dir)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    return env
+
+
+def _wait_for(proc: subprocess.Popen[str], pattern: str, lines: list[str], timeout: float = 60) -> re.Match[str]:
+    end = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < end:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                raise AssertionError("exited early:\n" + "".join(lines))
+            continue
+        lines.append(line)
+        m = re.search(pattern, line)
+        if m:
+            return m
+    raise AssertionError(f"no line matching {pattern!r}:\n" + "".join(lines))
+
+
+def test_make_run_serves_a_first_request_and_stops_cleanly(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    env = _clean_env(data_dir)
+    proc = subprocess.Popen(
+        ["make", "-s", "run"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+    )
+    lines: list[str] = []
+    try:
+        _wait_for(proc, r"demo provider", lines)
+        nats_url = _wait_for(proc, r"NATS:\s+(nats://\S+)", lines).group(1)
+        _wait_for(proc, r"ready\.", lines)
+        fleet = psutil.Process(proc.pid).children(recursive=True)
+        assert any("nats-server" in p.name() for p in fleet)
+
+        ask = subprocess.run(
+            [str(Path(sys.executable).parent / "switchyard"), "ask", "Write a haiku about queues", "--stream"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )
+        assert ask.returncode == 0, ask.stderr
+        assert "demo provider" in ask.stdout
+        assert re.search(r"provider: demo\s+model: switchyard-demo\s+tokens: \d+ in / \d+ out\s+cost: \$0", ask.stderr)
+
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(60)
+        assert proc.stdout is not None
+        lines.extend(proc.stdout.readlines())
+        # make itself reports the Ctrl-C (-SIGINT) after `switchyard up` stopped cleanly.
+        assert proc.returncode in (0, -signal.SIGINT), "".join(lines)
+        assert any("stopped" in line for line in lines)
+        time.sleep(0.5)
+        left = [p for p in fleet if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not left, f"processes left behind: {left}"
+        assert nats_url and not (data_dir / "state.json").exists()
+        pg = [p for p in psutil.process_iter(["name", "cmdline"])
+              if p.info["name"] == "postgres" and str(data_dir) in " ".join(p.info["cmdline"] or [])]
+        assert not pg, f"postgres left running: {pg}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()

