@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import anthropic, openai
+from . import anthropic, gemini, openai
 from .base import Adapter, Event, Finished, HttpCall, TextDelta, run
 
-_ADAPTERS: dict[str, ModuleType] = {"openai": openai, "anthropic": anthropic}
+_ADAPTERS: dict[str, ModuleType] = {"openai": openai, "anthropic": anthropic, "gemini": gemini}
 
 
 def adapter_for(fmt: str) -> Adapter:

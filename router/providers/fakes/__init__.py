@@ -2,6 +2,7 @@
 
 from .common import BUILTIN, FakeServer, FakeToolCall, Scenario
 from .anthropic import FakeAnthropic
+from .gemini import FakeGemini
 from .openai import FakeOpenAI
 
-__all__ = ["BUILTIN", "FakeAnthropic", "FakeOpenAI", "FakeServer", "FakeToolCall", "Scenario"]
+__all__ = ["BUILTIN", "FakeAnthropic", "FakeGemini", "FakeOpenAI", "FakeServer", "FakeToolCall", "Scenario"]
