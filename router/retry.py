@@ -7,7 +7,9 @@ import random
 from .config import RetryPolicy
 
 
-def backoff_ms(policy: RetryPolicy, attempt: int, *, asked_ms: int | None = None, rng: random.Random | None = None) -> int:
+def backoff_ms(
+    policy: RetryPolicy, attempt: int, *, asked_ms: int | None = None, rng: random.Random | None = None
+) -> int:
     """Delay before retry number `attempt` (0 for the first retry).
 
     A delay the provider asked for (Retry-After) wins when it is longer than ours.

@@ -78,7 +78,8 @@ def _check_rules(req: Request) -> None:
 
 
 def decode_reply(data: bytes) -> Reply:
-    return _reply.decode(data)
+    reply: Reply = _reply.decode(data)
+    return reply
 
 
 def decode_work(data: bytes) -> WorkItem:

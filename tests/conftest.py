@@ -146,7 +146,8 @@ def fleet_config(base_urls: dict[str, str], **extra: Any) -> Config:
 class Fleet:
     """Dispatcher, one worker per pool and the auditor, each on its own NATS connection."""
 
-    def __init__(self, nats_url: str, cfg: Config, db: asyncpg.Pool | None) -> None:
+    def __init__(self, nats_url: str, cfg: Config, db: asyncpg.Pool | None, **worker_opts: Any) -> None:
+        self.worker_opts = worker_opts
         self.nats_url = nats_url
         self.cfg = cfg
         self.db = db
@@ -165,15 +166,18 @@ class Fleet:
         prefix = self.cfg.subject_prefix
         async with http_client() as http, asyncio.TaskGroup() as tg:
             dnc = await self._conn()
-            tg.create_task(Dispatcher(dnc.jetstream(), Publisher(dnc, dnc.jetstream(), prefix), self.cfg).serve(self.stop))
+            djs = dnc.jetstream()
+            tg.create_task(Dispatcher(djs, Publisher(dnc, djs, prefix), self.cfg).serve(self.stop))
             for pool in self.cfg.pools:
                 wnc = await self._conn()
                 keys = {name: "sk-test-not-a-real-key" for name in self.cfg.providers}
-                worker = PoolWorker(wnc.jetstream(), Publisher(wnc, wnc.jetstream(), prefix), http, self.cfg, pool, keys)
+                wjs = wnc.jetstream()
+                worker = PoolWorker(wjs, Publisher(wnc, wjs, prefix), http, self.cfg, pool, keys, **self.worker_opts)
                 tg.create_task(worker.serve(self.stop))
             if self.db is not None:
                 anc = await self._conn()
-                tg.create_task(Auditor(anc.jetstream(), Publisher(anc, anc.jetstream(), prefix), self.db).serve(self.stop))
+                ajs = anc.jetstream()
+                tg.create_task(Auditor(ajs, Publisher(anc, ajs, prefix), self.db).serve(self.stop))
             started.set()
 
     async def close(self) -> None:
@@ -182,8 +186,10 @@ class Fleet:
 
 
 @contextlib.asynccontextmanager
-async def running_fleet(nats_url: str, cfg: Config, db: asyncpg.Pool | None) -> AsyncIterator[Fleet]:
-    fleet = Fleet(nats_url, cfg, db)
+async def running_fleet(
+    nats_url: str, cfg: Config, db: asyncpg.Pool | None, **worker_opts: Any
+) -> AsyncIterator[Fleet]:
+    fleet = Fleet(nats_url, cfg, db, **worker_opts)
     started = asyncio.Event()
     task = asyncio.create_task(fleet.run(started))
     await asyncio.wait([task, asyncio.create_task(started.wait())], return_when=asyncio.FIRST_COMPLETED)

@@ -82,3 +82,36 @@ def test_make_run_serves_a_first_request_and_stops_cleanly(tmp_path: Path) -> No
             proc.wait()
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+def test_up_uses_the_servers_named_by_nats_url_and_database_url(tmp_path: Path, nats_url: str, pg_url: str) -> None:
+    data_dir = tmp_path / "data"
+    env = _clean_env(data_dir) | {"NATS_URL": nats_url, "DATABASE_URL": pg_url}
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "switchyard"), "up", "--data-dir", str(data_dir)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    lines: list[str] = []
+    try:
+        _wait_for(proc, re.escape(f"using NATS at {nats_url}"), lines)
+        _wait_for(proc, r"using PostgreSQL from DATABASE_URL", lines)
+        _wait_for(proc, r"ready\.", lines)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert not any("nats-server" in p.name() for p in children)
+        assert not (data_dir / "pg").exists() and not (data_dir / "nats").exists()
+        ask = subprocess.run(
+            [str(Path(sys.executable).parent / "switchyard"), "ask", "hello"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )
+        assert ask.returncode == 0, ask.stderr
+        assert "provider: demo" in ask.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        time.sleep(0.3)
+        assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()

@@ -60,7 +60,7 @@ class Auditor:
         while not stop.is_set():
             try:
                 msgs = await sub.fetch(self.batch, timeout=1)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
             try:
                 await self.write(msgs)

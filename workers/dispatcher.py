@@ -65,7 +65,7 @@ class Dispatcher:
             while not stop.is_set():
                 try:
                     msgs = await sub.fetch(64, timeout=1)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
                 for msg in msgs:
                     await self._slots.acquire()
@@ -110,10 +110,7 @@ class Dispatcher:
         self, msg: Msg, err: SwitchyardError, req: Request | None, use_case: str | None, account: str | None
     ) -> None:
         """Answer when a reply subject can be read, copy to the DLQ, record the event, drop the message."""
-        if req is not None:
-            rid, reply_to = req.id, req.reply_to
-        else:
-            rid, reply_to = peek_request(msg.data)
+        rid, reply_to = (req.id, req.reply_to) if req is not None else peek_request(msg.data)
         log.warning("refused", request_id=rid, code=err.code.value, error=err.message, subject=msg.subject)
         if rid and reply_to and reply_to.startswith(REPLY_PREFIXES) and not any(c in reply_to for c in " *>"):
             await self.pub.reply(reply_to, err.to_reply(rid, 0))

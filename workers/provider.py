@@ -52,10 +52,10 @@ class _Outcome:
 
 
 @contextlib.asynccontextmanager
-async def _keepalive(msg: Msg) -> AsyncIterator[None]:
+async def _keepalive(msg: Msg, every_s: float) -> AsyncIterator[None]:
     async def beat() -> None:
         while True:
-            await asyncio.sleep(KEEPALIVE_S)
+            await asyncio.sleep(every_s)
             try:
                 await msg.in_progress()
             except Exception as exc:  # a missed beat is not worth failing the request for
@@ -80,6 +80,8 @@ class PoolWorker:
         cfg: Config,
         pool: str,
         api_keys: Mapping[str, str | None],
+        *,
+        keepalive_s: float = KEEPALIVE_S,
     ) -> None:
         self.js = js
         self.pub = pub
@@ -91,6 +93,7 @@ class PoolWorker:
         self.provider: ProviderConfig = cfg.providers[self.provider_name]
         self.adapter = providers.adapter_for(self.provider.format)
         self.api_key = api_keys.get(self.provider_name)
+        self.keepalive_s = keepalive_s
         self._slots = asyncio.Semaphore(self.pool.concurrency)
         self.log = log.bind(pool=pool)
 
@@ -106,7 +109,7 @@ class PoolWorker:
                     free += 1
                 try:
                     msgs = await sub.fetch(free, timeout=1)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     msgs = []
                 for _ in range(free - len(msgs)):
                     self._slots.release()
@@ -135,7 +138,7 @@ class PoolWorker:
         bound = self.log.bind(request_id=req.id, account=req.account)
         out = _Outcome()
         try:
-            async with _keepalive(msg):
+            async with _keepalive(msg, self.keepalive_s):
                 await self._serve(msg, work, out, bound)
         except Exception as exc:
             bound.exception("worker_failed")

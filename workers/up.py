@@ -103,7 +103,8 @@ async def _start_nats(data_dir: Path, port: int) -> tuple[str, subprocess.Popen[
     end = time.monotonic() + 15
     while time.monotonic() < end:
         if proc.poll() is not None:
-            raise SystemExit(f"switchyard: nats-server exited at start (port {port} taken?); see {data_dir / 'nats.log'}")
+            log_file = data_dir / "nats.log"
+            raise SystemExit(f"switchyard: nats-server exited at start (port {port} taken?); see {log_file}")
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
         except OSError:
@@ -121,10 +122,10 @@ def _start_postgres(data_dir: Path) -> tuple[str, Any]:
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset; pgserver only asks it for a lock path.
         warnings.simplefilter("ignore")
-        import pgserver
+        from pgserver.postgres_server import get_server
 
     pgdata = data_dir / "pg"
-    server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    server = get_server(pgdata, cleanup_mode="stop")
     return server.get_uri(), server
 
 
@@ -154,8 +155,9 @@ async def up(stop: asyncio.Event, *, config_path: str | None, data_dir: Path, na
         else:
             nats_url, proc = await _start_nats(data_dir, nats_port)
             children.append(("nats-server", proc))
-        database_url = os.environ.get("DATABASE_URL")
-        if database_url:
+        given_db = os.environ.get("DATABASE_URL")
+        if given_db:
+            database_url = given_db
             say("using PostgreSQL from DATABASE_URL")
         else:
             database_url, pg_server = await asyncio.to_thread(_start_postgres, data_dir)
@@ -180,11 +182,12 @@ async def up(stop: asyncio.Event, *, config_path: str | None, data_dir: Path, na
         finally:
             await conn.close()
 
-        env = {**os.environ, "NATS_URL": nats_url, "DATABASE_URL": database_url}
+        env: dict[str, str] = {**os.environ, "NATS_URL": nats_url, "DATABASE_URL": database_url}
         me = [sys.executable, "-m", "workers.cli"]
         children.append(("dispatcher", _spawn([*me, "dispatcher", "--config", str(effective)], env)))
         for pool in cfg.pools:
-            children.append((f"worker {pool}", _spawn([*me, "worker", "--pool", pool, "--config", str(effective)], env)))
+            args = [*me, "worker", "--pool", pool, "--config", str(effective)]
+            children.append((f"worker {pool}", _spawn(args, env)))
         children.append(("auditor", _spawn([*me, "auditor", "--config", str(effective)], env)))
         (data_dir / STATE_FILE).write_bytes(
             msgspec.json.encode(State(nats_url=nats_url, database_url=database_url, pid=os.getpid()))

@@ -12,7 +12,7 @@ _ADAPTERS: dict[str, ModuleType] = {"openai": openai, "anthropic": anthropic, "g
 
 def adapter_for(fmt: str) -> Adapter:
     """The adapter module for a wire format. Raises KeyError for a format with no adapter yet."""
-    return _ADAPTERS[fmt]  # type: ignore[return-value]
+    return _ADAPTERS[fmt]
 
 
 __all__ = ["Adapter", "Event", "Finished", "HttpCall", "TextDelta", "adapter_for", "run"]

@@ -1,7 +1,7 @@
 """Fake LLM providers: real local HTTP servers speaking each provider's wire format."""
 
-from .common import BUILTIN, FakeServer, FakeToolCall, Scenario
 from .anthropic import FakeAnthropic
+from .common import BUILTIN, FakeServer, FakeToolCall, Scenario
 from .gemini import FakeGemini
 from .openai import FakeOpenAI
 

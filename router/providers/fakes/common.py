@@ -137,9 +137,10 @@ class FakeServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        # aiohttp has no public accessor for the port the OS picked for port 0.
+        sockets = getattr(site._server, "sockets", None)
+        assert sockets
+        self.port = int(sockets[0].getsockname()[1])
         return self.url
 
     async def stop(self) -> None:

@@ -9,7 +9,17 @@ from typing import Any
 
 from aiohttp import web
 
-from .common import FakeServer, Scenario, chunks_of, count_tokens, made_up_answer, sleep_ms, sse, stream_sse, texts_in
+from .common import (
+    FakeServer,
+    Scenario,
+    chunks_of,
+    count_tokens,
+    made_up_answer,
+    sleep_ms,
+    sse,
+    stream_sse,
+    texts_in,
+)
 
 
 def _error(status: int) -> dict[str, Any]:
@@ -48,13 +58,13 @@ class FakeOpenAI(FakeServer):
         text = sc.text if sc.text is not None else made_up_answer(" ".join(texts_in(last_user.get("content"))))
         if sc.tool_calls and not any(m.get("role") == "tool" for m in body.get("messages") or []):
             text = ""
-            calls = [
+            calls: list[dict[str, Any]] = [
                 {"id": c.id or f"call_{uuid.uuid4().hex[:12]}", "type": "function",
                  "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
                 for c in sc.tool_calls
             ]
         else:
-            calls = []
+            calls = []  # no tool call once the conversation carries the tool's result
         finish = sc.finish_reason or ("tool_calls" if calls else "stop")
         usage = self._usage(prompt, text, sc)
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -82,10 +92,11 @@ class FakeOpenAI(FakeServer):
             out = b""
             for i, c in enumerate(calls):
                 # Arguments arrive in two fragments, as real streams split them.
-                args = c["function"]["arguments"]
+                fn: dict[str, str] = c["function"]
+                args = fn["arguments"]
                 half = len(args) // 2
-                out += sse(chunk({"tool_calls": [{"index": i, "id": c["id"], "type": "function",
-                                                  "function": {"name": c["function"]["name"], "arguments": args[:half]}}]}))
+                first = {"name": fn["name"], "arguments": args[:half]}
+                out += sse(chunk({"tool_calls": [{"index": i, "id": c["id"], "type": "function", "function": first}]}))
                 out += sse(chunk({"tool_calls": [{"index": i, "function": {"arguments": args[half:]}}]}))
             out += sse(chunk({}, finish))
             if include_usage:
