@@ -227,3 +227,24 @@ async def test_fallback_to_the_next_target_before_the_first_chunk(
     done = replies[-1]
     assert isinstance(done, Done) and done.provider == "anthropic"
     assert [(a.pool, a.error) for a in done.attempts] == [("openai", "PROVIDER_ERROR"), ("anthropic", None)]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_read_timeout_and_refused_connection_are_retryable_provider_errors(
+    nats_url: str, fakes: Fakes, db: asyncpg.Pool, nc: NATS, fmt: str
+) -> None:
+    from .conftest import free_port
+
+    urls = {fmt: fakes[fmt].url + BASE_PATH[fmt], "closed": f"http://127.0.0.1:{free_port()}/v1"}
+    cfg = fleet_config(urls)
+    cfg.pools[fmt].timeout_ms = 300
+    fakes[fmt].scenarios["stalls"] = Scenario(ttft_ms=1500)
+    async with running_fleet(nats_url, cfg, db):
+        before = len(fakes[fmt].requests)
+        [timed_out] = await ask_raw(nc, request("[[fake:stalls]]", stream=True), subject=subject(fmt))
+        [refused] = await ask_raw(nc, request("anyone there?"), subject="llm.req.only_closed.acme")
+    assert isinstance(timed_out, Error) and timed_out.code == "PROVIDER_ERROR" and timed_out.retryable
+    assert "timed out" in timed_out.message
+    assert len(fakes[fmt].requests) - before == 2  # the pool's retry policy tried twice
+    assert isinstance(refused, Error) and refused.code == "PROVIDER_ERROR" and refused.retryable
+    assert "could not reach" in refused.message

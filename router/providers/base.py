@@ -128,6 +128,11 @@ async def run(
                     yield ev
             for ev in parser.close():
                 yield ev
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        # (The aiohttp transport reports a refused connection as ConnectTimeout.)
+        raise ProviderFailure(
+            ErrorCode.PROVIDER_ERROR, f"could not reach the provider ({type(exc).__name__})", retry=True
+        ) from exc
     except httpx.TimeoutException as exc:
         if started:
             raise StreamBroken(f"the provider stopped sending mid-stream ({type(exc).__name__})") from exc

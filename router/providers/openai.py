@@ -67,11 +67,12 @@ def build(
         body["tools"] = [
             {
                 "type": "function",
-                "function": {"name": t.name, "description": t.description, "parameters": t.parameters},
+                "function": {"name": t.name, "parameters": t.parameters}
+                | ({"description": t.description} if t.description else {}),
             }
             for t in req.tools
         ]
-    match req.tool_choice:
+    match req.tool_choice if req.tools else None:
         case NamedToolChoice(name=name):
             body["tool_choice"] = {"type": "function", "function": {"name": name}}
         case str(choice):
@@ -83,6 +84,15 @@ def build(
     if api_key:
         h["authorization"] = f"Bearer {api_key}"
     return HttpCall(url=base_url.rstrip("/") + "/chat/completions", headers=h, body=body)
+
+
+# OpenAI keeps type `insufficient_quota` and names the cause in `code` for these.
+_CREDIT_CODES = frozenset({
+    "credit_balance_exhausted",
+    "organization_spend_limit_exceeded",
+    "project_spend_limit_exceeded",
+    "organization_usage_limit_exceeded",
+})
 
 
 def _usage(raw: object) -> tuple[Usage, dict[str, object] | None]:
@@ -101,9 +111,13 @@ def _usage(raw: object) -> tuple[Usage, dict[str, object] | None]:
     )
 
 
-def _tool_call(raw_id: str, name: str, arguments: str) -> ToolCall:
+def _tool_call(raw_id: str, name: str, arguments: object) -> ToolCall:
+    # Some OpenAI-compatible servers send the arguments as an object rather than a JSON string.
     try:
-        args = json.loads(arguments) if arguments.strip() else {}
+        if isinstance(arguments, str):
+            args = json.loads(arguments) if arguments.strip() else {}
+        else:
+            args = arguments if arguments is not None else {}
     except ValueError as exc:
         raise StreamBroken(f"tool call {name!r} came with arguments that are not JSON") from exc
     if not isinstance(args, dict):
@@ -116,14 +130,16 @@ def parse_response(body: bytes) -> list[Event]:
         data = json.loads(body)
         choice = data["choices"][0]
         msg = choice["message"]
-    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        if not isinstance(msg, dict):
+            raise TypeError("message is not an object")
+        calls = [
+            _tool_call(c["id"], c["function"]["name"], c["function"].get("arguments"))
+            for c in msg.get("tool_calls") or []
+        ]
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
         raise ProviderFailure(
             ErrorCode.PROVIDER_ERROR, "the provider's answer is not a chat completion", retry=True
         ) from exc
-    calls = [
-        _tool_call(c["id"], c["function"]["name"], c["function"].get("arguments") or "")
-        for c in msg.get("tool_calls") or []
-    ]
     usage, raw_usage = _usage(data.get("usage"))
     events: list[Event] = []
     if msg.get("content"):
@@ -202,9 +218,10 @@ def translate_error(status: int, headers: httpx.Headers, body: bytes) -> Provide
     """One table: HTTP status and OpenAI error code → our code. Never echoes the key."""
     err = error_body(body).get("error")
     err = err if isinstance(err, dict) else {}
-    code = str(err.get("code") or err.get("type") or "")
+    code = str(err.get("code") or "")
+    kind = str(err.get("type") or "")
     delay = retry_after_ms(headers)
-    if code == "insufficient_quota":
+    if "insufficient_quota" in (code, kind) or code in _CREDIT_CODES:
         return ProviderFailure(
             ErrorCode.PROVIDER_UNAVAILABLE,
             "the provider account has no credit left (insufficient_quota)",
