@@ -222,6 +222,9 @@ class PoolWorker:
                             out.tool_calls = fin.tool_calls
                 return None
             except ProviderFailure as failure:
+                if failure.credit_exhausted:
+                    # Concerns every pool of this provider; acting on it is the router's job.
+                    self.log.error("provider_credit_exhausted", provider=self.provider_name, request_id=req.id)
                 if not failure.retry or out.seq > 0 or attempt == policy.attempts - 1:
                     return failure
                 delay = backoff_ms(policy, attempt, asked_ms=failure.retry_after_ms)

@@ -77,17 +77,20 @@ def nats_url() -> str:
 
 async def connect(url: str, name: str) -> NATS:
     log = structlog.get_logger()
+    conn: list[NATS] = []
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats_error", error=str(exc))
 
     async def on_disconnect() -> None:
+        if conn and (conn[0].is_closed or conn[0].is_draining):
+            return  # our own drain at shutdown, not news
         log.warning("nats_disconnected")
 
     async def on_reconnect() -> None:
         log.info("nats_reconnected")
 
-    return await nats.connect(
+    nc = await nats.connect(
         url,
         name=name,
         error_cb=on_error,
@@ -96,6 +99,8 @@ async def connect(url: str, name: str) -> NATS:
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
     )
+    conn.append(nc)
+    return nc
 
 
 def _streams(prefix: str) -> list[js_api.StreamConfig]:

@@ -141,6 +141,27 @@ def demo_config(cfg: Config, base_url: str) -> Config:
     })
 
 
+def keyed_config(cfg: Config, keys: dict[str, str | None]) -> tuple[Config, list[str]]:
+    """The config without the providers whose key is missing (and their pools and targets).
+
+    Returns the pruned config and the names of the providers left out. A provider with
+    no `api_key_env` needs no key (a local OpenAI-compatible server) and stays.
+    """
+    missing = [n for n, p in cfg.providers.items() if p.api_key_env and not keys.get(n)]
+    pools = {n: p for n, p in cfg.pools.items() if p.provider not in missing}
+    routes: dict[str, dict[str, list[str]]] = {}
+    for uc, tiers in cfg.routes.items():
+        kept = {t: [x for x in targets if x.partition(":")[0] in pools] for t, targets in tiers.items()}
+        kept = {t: targets for t, targets in kept.items() if targets}
+        if kept:
+            routes[uc] = kept
+    raw = msgspec.to_builtins(cfg)
+    raw["providers"] = {n: v for n, v in raw["providers"].items() if n not in missing}
+    raw["pools"] = {n: v for n, v in raw["pools"].items() if n in pools}
+    raw["routes"] = routes
+    return config_mod.from_mapping(raw), missing
+
+
 async def up(stop: asyncio.Event, *, config_path: str | None, data_dir: Path, nats_port: int) -> None:
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -162,12 +183,17 @@ async def up(stop: asyncio.Event, *, config_path: str | None, data_dir: Path, na
         else:
             database_url, pg_server = await asyncio.to_thread(_start_postgres, data_dir)
 
-        if not any(api_keys(cfg).values()):
+        keys = api_keys(cfg)
+        if not any(keys.values()):
             demo = FakeOpenAI(default=Scenario(ttft_ms=250, chunk_ms=35, words_per_chunk=2))
             url = await demo.start()
             cfg = demo_config(cfg, url + "/v1")
             say(f"no provider key is set: every use case routes to the demo provider at {url}/v1")
             say("  (set OPENAI_API_KEY, ANTHROPIC_API_KEY or GEMINI_API_KEY to route to real models)")
+        else:
+            cfg, missing = keyed_config(cfg, keys)
+            if missing:
+                say(f"no key for {', '.join(missing)}: their pools are not started and their targets are skipped")
 
         effective = data_dir / "config.json"
         effective.write_bytes(config_mod.encode(cfg))

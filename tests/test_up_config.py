@@ -1,0 +1,29 @@
+"""How `switchyard up` shapes the config: demo routing, and providers without a key left out."""
+
+from __future__ import annotations
+
+from router.config import load
+from workers.processes import DEFAULT_CONFIG
+from workers.up import DEMO_MODEL, demo_config, keyed_config
+
+
+def test_demo_config_routes_every_use_case_and_tier_to_the_demo() -> None:
+    cfg = load(DEFAULT_CONFIG)
+    demo = demo_config(cfg, "http://127.0.0.1:9/v1")
+    assert set(demo.routes) == set(cfg.routes)
+    for uc, tiers in cfg.routes.items():
+        assert set(demo.routes[uc]) == set(tiers)
+        assert all(t == [f"demo:{DEMO_MODEL}"] for t in demo.routes[uc].values())
+    assert demo.providers["demo"].free and list(demo.pools) == ["demo"]
+
+
+def test_providers_without_a_key_are_left_out_with_their_targets() -> None:
+    cfg = load(DEFAULT_CONFIG)
+    pruned, missing = keyed_config(cfg, {"openai": "k", "anthropic": None, "gemini": None, "zai": None})
+    assert sorted(missing) == ["anthropic", "gemini", "zai"]
+    assert list(pruned.providers) == ["openai"] and list(pruned.pools) == ["openai"]
+    assert pruned.routes["draft"]["default"] == ["openai:gpt-4o-mini"]
+    assert pruned.routes["draft"]["pro"] == ["openai:gpt-4o"]
+    # summarize/pro had no openai target: the tier is gone, and `default` serves it.
+    assert "pro" not in pruned.routes["summarize"]
+    assert [str(t) for t in pruned.route("summarize", "pro") or []] == ["openai:gpt-4o-mini"]
