@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncpg
+import msgspec
 from nats.aio.client import Client as NATS
 
 from schemas import Chunk, Done, Error
@@ -86,3 +87,21 @@ async def test_unknown_use_case_gets_no_route(fleet: Fleet, nc: NATS) -> None:
 async def test_account_must_match_the_subject(fleet: Fleet, nc: NATS) -> None:
     [err] = await ask_raw(nc, request(account="other"))
     assert isinstance(err, Error) and err.code == "INVALID_REQUEST" and "account" in err.message
+
+
+async def test_undecodable_work_item_is_dead_lettered_and_the_pool_keeps_serving(fleet: Fleet, nc: NATS) -> None:
+    await nc.jetstream().publish("llm.work.openai", b'{"v": 1, "request": "not a request"}')
+    [copy] = await dlq_messages(nc, "work")
+    assert copy.headers["Switchyard-Subject"] == "llm.work.openai"
+    assert copy.data == b'{"v": 1, "request": "not a request"}'
+    assert isinstance((await ask_raw(nc, request("still serving?")))[-1], Done)
+
+
+async def test_a_republished_request_is_served_once(fleet: Fleet, nc: NATS) -> None:
+    # A producer unsure its publish arrived may publish again with the same Nats-Msg-Id.
+    body = request("only once please")
+    replies = await ask_raw(nc, body, msg_id=body["id"])
+    again = msgspec.json.encode({**body, "reply_to": "_INBOX.unused"})
+    ack = await nc.jetstream().publish("llm.req.draft.acme", again, headers={"Nats-Msg-Id": body["id"]})
+    assert ack.duplicate
+    assert len(replies) == 1 and isinstance(replies[0], Done)
