@@ -61,6 +61,10 @@ class Stream:
                     raise SwitchyardError(
                         ErrorCode.TIMEOUT, f"no reply from the fleet within {deadline:.0f} s"
                     ) from None
+                if isinstance(reply, Error):
+                    # Terminal whatever its seq: after a lost worker it says only how far the fleet knows
+                    # the stream got, which may be short of what arrived.
+                    raise SwitchyardError.from_reply(reply)
                 if reply.seq < self._next:
                     continue  # a duplicate after a redelivery
                 if reply.seq > self._next:

@@ -49,6 +49,9 @@ class PoolConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     provider: str
     concurrency: Annotated[int, Meta(ge=1, le=10_000)] = 64
     timeout_ms: Annotated[int, Meta(ge=100)] = 60_000
+    ack_wait_ms: Annotated[int, Meta(ge=1000, le=3_600_000)] = 30_000
+    """How long a work item may go without an ack or an in-progress beat before JetStream hands it
+    to another worker: the time to notice a lost worker. Workers beat every third of it."""
     retry: RetryPolicy = msgspec.field(default_factory=RetryPolicy)
     breaker: BreakerPolicy = msgspec.field(default_factory=BreakerPolicy)
 

@@ -32,6 +32,7 @@ from workers.auditor import Auditor
 from workers.db import migrate
 from workers.dispatcher import Dispatcher
 from workers.processes import http_client
+from workers.progress import Progress, ensure_bucket
 from workers.provider import PoolWorker
 from workers.publish import Publisher
 from workers.runtime import ensure_topology
@@ -146,8 +147,11 @@ def fleet_config(base_urls: dict[str, str], **extra: Any) -> Config:
 class Fleet:
     """Dispatcher, one worker per pool and the auditor, each on its own NATS connection."""
 
-    def __init__(self, nats_url: str, cfg: Config, db: asyncpg.Pool | None, **worker_opts: Any) -> None:
+    def __init__(
+        self, nats_url: str, cfg: Config, db: asyncpg.Pool | None, pools: list[str] | None = None, **worker_opts: Any
+    ) -> None:
         self.worker_opts = worker_opts
+        self.pools = list(cfg.pools) if pools is None else pools
         self.nats_url = nats_url
         self.cfg = cfg
         self.db = db
@@ -168,11 +172,14 @@ class Fleet:
             dnc = await self._conn()
             djs = dnc.jetstream()
             tg.create_task(Dispatcher(djs, Publisher(dnc, djs, prefix), self.cfg).serve(self.stop))
-            for pool in self.cfg.pools:
+            for pool in self.pools:
                 wnc = await self._conn()
                 keys = {name: "sk-test-not-a-real-key" for name in self.cfg.providers}
                 wjs = wnc.jetstream()
-                worker = PoolWorker(wjs, Publisher(wnc, wjs, prefix), http, self.cfg, pool, keys, **self.worker_opts)
+                progress = Progress(wnc, await ensure_bucket(wjs))
+                worker = PoolWorker(
+                    wjs, Publisher(wnc, wjs, prefix), http, self.cfg, pool, keys, progress, **self.worker_opts
+                )
                 tg.create_task(worker.serve(self.stop))
             if self.db is not None:
                 anc = await self._conn()
@@ -187,9 +194,10 @@ class Fleet:
 
 @contextlib.asynccontextmanager
 async def running_fleet(
-    nats_url: str, cfg: Config, db: asyncpg.Pool | None, **worker_opts: Any
+    nats_url: str, cfg: Config, db: asyncpg.Pool | None, pools: list[str] | None = None, **worker_opts: Any
 ) -> AsyncIterator[Fleet]:
-    fleet = Fleet(nats_url, cfg, db, **worker_opts)
+    """The fleet in this process; `pools` limits which pools get a worker here (default: all)."""
+    fleet = Fleet(nats_url, cfg, db, pools, **worker_opts)
     started = asyncio.Event()
     task = asyncio.create_task(fleet.run(started))
     await asyncio.wait([task, asyncio.create_task(started.wait())], return_when=asyncio.FIRST_COMPLETED)

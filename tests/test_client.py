@@ -59,3 +59,27 @@ def test_request_ids_are_sortable_ulids() -> None:
     a, b = new_request_id(), new_request_id()
     assert len(a) == 26 and a != b
     assert set(a) <= set("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
+
+
+async def test_an_error_is_terminal_even_with_a_stale_seq(nc: NATS) -> None:
+    # What a producer sees after a worker was lost mid-stream: the error's seq lags the chunks.
+    from schemas import Chunk, Error, encode
+
+    client = await Client.connect(nc)
+    stream = client.stream("draft", "acme", HELLO)
+    stream._client._publish = _no_publish  # type: ignore[method-assign]
+    subject = stream.request.reply_to
+    for reply in (Chunk(id=stream.request.id, seq=0, text="a"), Chunk(id=stream.request.id, seq=1, text="b"),
+                  Error(id=stream.request.id, seq=1, code="PROVIDER_ERROR", status=502, message="lost",
+                        retryable=True)):
+        await nc.publish(subject, encode(reply))
+    texts: list[str] = []
+    with pytest.raises(SwitchyardError) as info:
+        async for t in stream:
+            texts.append(t)
+    assert texts == ["a", "b"] and info.value.code is ErrorCode.PROVIDER_ERROR
+    await client.close()
+
+
+async def _no_publish(req: object) -> None:
+    return None

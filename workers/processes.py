@@ -18,6 +18,7 @@ from router.config import Config
 from .auditor import Auditor
 from .db import migrate
 from .dispatcher import Dispatcher
+from .progress import Progress, ensure_bucket
 from .provider import PoolWorker
 from .publish import Publisher
 from .runtime import connect, ensure_topology
@@ -65,7 +66,8 @@ async def run_worker(stop: asyncio.Event, cfg: Config, nats_url: str, pool: str)
         js = nc.jetstream()
         await ensure_topology(js, cfg)
         async with http_client() as http:
-            worker = PoolWorker(js, Publisher(nc, js, cfg.subject_prefix), http, cfg, pool, api_keys(cfg))
+            progress = Progress(nc, await ensure_bucket(js))
+            worker = PoolWorker(js, Publisher(nc, js, cfg.subject_prefix), http, cfg, pool, api_keys(cfg), progress)
             await worker.serve(stop)
     finally:
         await nc.drain()

@@ -29,13 +29,12 @@ from schemas import (
     encode,
 )
 
+from .progress import Progress
 from .publish import Publisher, now_ms, prompt_fingerprint
 from .runtime import MAX_DELIVER
 
 log = structlog.get_logger("worker")
 
-KEEPALIVE_S = 10.0
-"""How often a long call tells JetStream it is still in progress (ack_wait is 30 s)."""
 
 
 @dataclass
@@ -80,8 +79,9 @@ class PoolWorker:
         cfg: Config,
         pool: str,
         api_keys: Mapping[str, str | None],
+        progress: Progress,
         *,
-        keepalive_s: float = KEEPALIVE_S,
+        keepalive_s: float | None = None,
     ) -> None:
         self.js = js
         self.pub = pub
@@ -93,7 +93,9 @@ class PoolWorker:
         self.provider: ProviderConfig = cfg.providers[self.provider_name]
         self.adapter = providers.adapter_for(self.provider.format)
         self.api_key = api_keys.get(self.provider_name)
-        self.keepalive_s = keepalive_s
+        # How often a long call tells JetStream it is still in progress: well inside ack_wait.
+        self.keepalive_s = keepalive_s if keepalive_s is not None else self.pool.ack_wait_ms / 3000
+        self.progress = progress
         self._slots = asyncio.Semaphore(self.pool.concurrency)
         self.log = log.bind(pool=pool)
 
@@ -147,14 +149,38 @@ class PoolWorker:
                 return
             err = SwitchyardError(ErrorCode.INTERNAL, f"the worker failed on this request ({type(exc).__name__})")
             await self.pub.reply(req.reply_to, err.to_reply(req.id, out.seq))
+            if out.seq:
+                await self.progress.finished(req.id)
             await self.pub.dead_letter(
                 "work", msg.data, subject=msg.subject, code=err.code.value, error=repr(exc), request_id=req.id
             )
             await self._event(work, out, error=err.code.value)
             await msg.term()
 
+    async def _resumed(self, msg: Msg, work: WorkItem, bound: structlog.BoundLogger) -> bool:
+        """A redelivered stream: finish it if a lost worker had started it. True when handled here."""
+        req = work.request
+        state = await self.progress.lookup(req.id)
+        if state is None:
+            return False  # nothing went out: serve it afresh
+        if state != "done":
+            err = SwitchyardError(
+                ErrorCode.PROVIDER_ERROR,
+                "the worker streaming this answer was lost after sending part of it; the answer is incomplete,"
+                " send the request again",
+            )
+            work.attempts.append(Attempt(pool=self.pool_name, model=work.route[0].model, error=err.code.value))
+            await self.pub.reply(req.reply_to, err.to_reply(req.id, state))
+            await self.progress.finished(req.id)
+            await self._event(work, _Outcome(seq=state), error=err.code.value)
+            bound.warning("stream_lost", next_seq=state)
+        await msg.ack()
+        return True
+
     async def _serve(self, msg: Msg, work: WorkItem, out: _Outcome, bound: structlog.BoundLogger) -> None:
         req = work.request
+        if req.stream and msg.metadata.num_delivered > 1 and await self._resumed(msg, work, bound):
+            return
         target = work.route[0]
         started = now_ms()
         deadline_ms = work.accepted_ms + req.timeout_ms
@@ -173,6 +199,8 @@ class PoolWorker:
         work.attempts.append(attempt)
         if failure is None:
             await self._done(req, work, out)
+            if out.seq:
+                await self.progress.finished(req.id)
             await self._event(work, out, error=None)
             await msg.ack()
             bound.info("completed", latency_ms=now_ms() - work.accepted_ms, chunks=out.seq,
@@ -189,6 +217,8 @@ class PoolWorker:
             bound.warning("fell_back", code=failure.code.value, error=failure.message, to=str(nxt.route[0]))
             return
         await self.pub.reply(req.reply_to, failure.to_reply(req.id, out.seq))
+        if out.seq:
+            await self.progress.finished(req.id)
         await self._event(work, out, error=failure.code.value)
         await msg.ack()
         bound.warning("failed", code=failure.code.value, error=failure.message, chunks=out.seq)
@@ -238,8 +268,11 @@ class PoolWorker:
             out.first_token_ms = now_ms()
         out.text.append(text)
         if req.stream and text:
+            if out.seq == 0:
+                await self.progress.started(req.id)
             await self.pub.reply(req.reply_to, Chunk(id=req.id, seq=out.seq, text=text))
             out.seq += 1
+            await self.progress.sent(req.id, out.seq)
 
     def _cost(self, model: str, usage: Usage) -> float | None:
         if self.provider.free:

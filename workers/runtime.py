@@ -121,12 +121,12 @@ def _streams(prefix: str) -> list[js_api.StreamConfig]:
     ]
 
 
-def pool_consumer(prefix: str, pool: str, concurrency: int) -> js_api.ConsumerConfig:
+def pool_consumer(prefix: str, pool: str, concurrency: int, ack_wait_s: float = 30.0) -> js_api.ConsumerConfig:
     return js_api.ConsumerConfig(
         durable_name=f"pool-{pool}",
         filter_subject=f"{prefix}.work.{pool}",
         ack_policy=js_api.AckPolicy.EXPLICIT,
-        ack_wait=30.0,
+        ack_wait=ack_wait_s,
         max_deliver=MAX_DELIVER,
         max_ack_pending=concurrency,
         max_waiting=512,
@@ -169,6 +169,8 @@ async def ensure_topology(js: JetStreamContext, cfg: Config) -> None:
         else:
             await js.update_stream(stream)
     consumers = [("LLM_REQ", dispatch_consumer(prefix)), ("LLM_EVENTS", audit_consumer(prefix))]
-    consumers += [("LLM_WORK", pool_consumer(prefix, name, p.concurrency)) for name, p in cfg.pools.items()]
+    consumers += [
+        ("LLM_WORK", pool_consumer(prefix, name, p.concurrency, p.ack_wait_ms / 1000)) for name, p in cfg.pools.items()
+    ]
     for stream_name, consumer in consumers:
         await js.add_consumer(stream_name, consumer)
