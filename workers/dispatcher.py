@@ -23,6 +23,7 @@ from schemas import (
 )
 
 from .publish import Publisher, now_ms, prompt_fingerprint
+from .pull import serve_pull
 from .runtime import MAX_DELIVER
 
 log = structlog.get_logger("dispatcher")
@@ -56,27 +57,12 @@ class Dispatcher:
         self.pub = pub
         self.cfg = cfg
         self.prefix = cfg.subject_prefix
-        self._slots = asyncio.Semaphore(concurrency)
+        self.concurrency = concurrency
 
     async def serve(self, stop: asyncio.Event) -> None:
         sub = await self.js.pull_subscribe_bind("dispatch", "LLM_REQ")
         log.info("dispatcher_started")
-        async with asyncio.TaskGroup() as tg:
-            while not stop.is_set():
-                try:
-                    msgs = await sub.fetch(64, timeout=1)
-                except TimeoutError:
-                    continue
-                for msg in msgs:
-                    await self._slots.acquire()
-                    tg.create_task(self._guarded(msg))
-        await sub.unsubscribe()
-
-    async def _guarded(self, msg: Msg) -> None:
-        try:
-            await self.handle(msg)
-        finally:
-            self._slots.release()
+        await serve_pull(sub, self.handle, stop, limit=self.concurrency, batch=64)
 
     async def handle(self, msg: Msg) -> None:
         """One request: the error boundary. Never raises except on cancellation."""

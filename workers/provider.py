@@ -31,6 +31,7 @@ from schemas import (
 
 from .progress import Progress
 from .publish import Publisher, now_ms, prompt_fingerprint
+from .pull import serve_pull
 from .runtime import MAX_DELIVER
 
 log = structlog.get_logger("worker")
@@ -96,34 +97,12 @@ class PoolWorker:
         # How often a long call tells JetStream it is still in progress: well inside ack_wait.
         self.keepalive_s = keepalive_s if keepalive_s is not None else self.pool.ack_wait_ms / 3000
         self.progress = progress
-        self._slots = asyncio.Semaphore(self.pool.concurrency)
         self.log = log.bind(pool=pool)
 
     async def serve(self, stop: asyncio.Event) -> None:
         sub = await self.js.pull_subscribe_bind(f"pool-{self.pool_name}", "LLM_WORK")
         self.log.info("worker_started", provider=self.provider_name, concurrency=self.pool.concurrency)
-        async with asyncio.TaskGroup() as tg:
-            while not stop.is_set():
-                await self._slots.acquire()
-                free = 1
-                while free < 32 and not self._slots.locked():
-                    await self._slots.acquire()
-                    free += 1
-                try:
-                    msgs = await sub.fetch(free, timeout=1)
-                except TimeoutError:
-                    msgs = []
-                for _ in range(free - len(msgs)):
-                    self._slots.release()
-                for msg in msgs:
-                    tg.create_task(self._guarded(msg))
-        await sub.unsubscribe()
-
-    async def _guarded(self, msg: Msg) -> None:
-        try:
-            await self.handle(msg)
-        finally:
-            self._slots.release()
+        await serve_pull(sub, self.handle, stop, limit=self.pool.concurrency)
 
     async def handle(self, msg: Msg) -> None:
         """One work item: the error boundary. Never raises except on cancellation."""
