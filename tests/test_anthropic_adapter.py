@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
-
 import httpx
 import pytest
 
@@ -15,50 +12,18 @@ from router.providers.base import Event, Finished, TextDelta, run
 from router.providers.fakes.anthropic import FakeAnthropic
 from router.providers.fakes.common import Scenario
 from router.providers.sse import SSEvent
-from schemas import ImagePart, Message, Request, TextPart, Tool, ToolCall
+from schemas import ImagePart, Message, Request, TextPart, ToolCall
+
+from .adapters import KEY, TIMEOUT, WEATHER, collect, fake_fixture, request, split, user
+from .adapters import http as http  # re-exported so that pytest finds the `http` fixture here
 
 MODEL = "claude-haiku-4-5"
-KEY = "test-key"
-TIMEOUT = httpx.Timeout(connect=2, read=5, write=2, pool=2)
-WEATHER = Tool(
-    name="get_weather",
-    description="The current weather in a city.",
-    parameters={"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-)
 
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeAnthropic]:
-    fake = FakeAnthropic()
-    await fake.start()
-    yield fake
-    await fake.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:
-        yield client
-
-
-def request(*messages: Message, stream: bool = False, **kw: Any) -> Request:
-    return Request(id="r1", account="acme", reply_to="_INBOX.x", messages=list(messages), stream=stream, **kw)
-
-
-def user(text: str) -> Message:
-    return Message(role="user", content=text)
+fake = fake_fixture(FakeAnthropic)
 
 
 async def call(fake: FakeAnthropic, http: httpx.AsyncClient, req: Request) -> list[Event]:
-    built = adapter.build(req, model=MODEL, base_url=fake.url, api_key=KEY, headers={})
-    return [ev async for ev in run(http, adapter, built, stream=req.stream, timeout=TIMEOUT)]
-
-
-def split(events: list[Event]) -> tuple[str, Finished]:
-    *deltas, finished = events
-    assert isinstance(finished, Finished)
-    assert all(isinstance(d, TextDelta) for d in deltas)
-    return "".join(d.text for d in deltas if isinstance(d, TextDelta)), finished
+    return await collect(http, adapter, req, model=MODEL, base_url=fake.url)
 
 
 async def test_text(fake: FakeAnthropic, http: httpx.AsyncClient) -> None:

@@ -6,30 +6,17 @@ against Anthropic's Messages API reference before committing it.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from router.providers import anthropic as adapter
-from schemas import ImagePart, Message, NamedToolChoice, Request, TextPart, Tool, ToolCall
+from schemas import ImagePart, Message, NamedToolChoice, Request, TextPart, ToolCall
+
+from .adapters import CLOCK, KEY, WEATHER, check_golden, request
 
 GOLDEN = Path(__file__).parent / "golden" / "anthropic"
 BASE_URL = "https://api.anthropic.com"
-KEY = "test-key"
-
-WEATHER = Tool(
-    name="get_weather",
-    description="The current weather in a city.",
-    parameters={"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-)
-CLOCK = Tool(name="get_time", parameters={"type": "object", "properties": {"tz": {"type": "string"}}})
-
-
-def request(*messages: Message, **kw: Any) -> Request:
-    return Request(id="r1", account="acme", reply_to="_INBOX.x", messages=list(messages), **kw)
 
 
 CASES: dict[str, tuple[Request, str | None]] = {
@@ -100,14 +87,7 @@ def test_build_matches_golden(name: str) -> None:
     req, key = CASES[name]
     headers = {"anthropic-beta": "example-beta"} if name == "no_key_defaults" else {}
     call = adapter.build(req, model="claude-haiku-4-5", base_url=BASE_URL, api_key=key, headers=headers)
-    got = {"url": call.url, "headers": call.headers, "body": call.body}
-    path = GOLDEN / f"{name}.json"
-    if os.environ.get("UPDATE_GOLDEN") == "1":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(got, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    want = json.loads(path.read_text(encoding="utf-8"))
-    # Through JSON, as the body goes on the wire.
-    assert json.loads(json.dumps(got)) == want
+    check_golden(GOLDEN, name, {"url": call.url, "headers": call.headers, "body": call.body})
 
 
 def test_every_golden_file_has_a_case() -> None:

@@ -11,6 +11,8 @@ from anthropic.types import MessageParam, ToolParam
 from router.providers.fakes.anthropic import FakeAnthropic
 from router.providers.fakes.common import Scenario
 
+from .adapters import fake_fixture
+
 MODEL = "claude-haiku-4-5"
 WEATHER_TOOL: ToolParam = {
     "name": "get_weather",
@@ -19,12 +21,7 @@ WEATHER_TOOL: ToolParam = {
 }
 
 
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeAnthropic]:
-    fake = FakeAnthropic()
-    await fake.start()
-    yield fake
-    await fake.stop()
+fake = fake_fixture(FakeAnthropic)
 
 
 @pytest.fixture

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any, NamedTuple
 
 import httpx
+import msgspec
 import pytest
 
 from router.errors import ErrorCode, ProviderFailure, StreamBroken
@@ -16,44 +16,28 @@ from router.providers.base import Event, Finished, TextDelta, run
 from router.providers.fakes.common import FakeToolCall, Scenario
 from router.providers.fakes.gemini import FakeGemini, google_error
 from router.providers.sse import SSEvent
-from schemas import ImagePart, Message, NamedToolChoice, Request, TextPart, Tool, ToolCall, Usage
+from schemas import ImagePart, Message, NamedToolChoice, Request, TextPart, ToolCall, Usage
+
+from . import adapters
+from .adapters import collect, fake_fixture, user
+from .adapters import http as http  # re-exported so that pytest finds the `http` fixture here
 
 MODEL = "gemini-2.5-flash"
+# Gemini's own key, timeout, tool description and request ids, not the shared ones.
 KEY = "test-gemini-key"
 TIMEOUT = httpx.Timeout(connect=5, read=10, write=5, pool=5)
 PNG_1PX = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
-WEATHER = Tool(
-    name="get_weather",
-    description="Current weather in a city",
-    parameters={"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-)
+WEATHER = msgspec.structs.replace(adapters.WEATHER, description="Current weather in a city")
 
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeGemini]:
-    server = FakeGemini()
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:
-        yield client
+fake = fake_fixture(FakeGemini)
 
 
 def request(*messages: Message, **kw: Any) -> Request:
-    return Request(id="req-1", account="acme", reply_to="_INBOX.test", messages=list(messages), **kw)
-
-
-def user(content: str | list[TextPart | ImagePart]) -> Message:
-    return Message(role="user", content=content)
+    return adapters.request(*messages, request_id="req-1", reply_to="_INBOX.test", **kw)
 
 
 async def call(http: httpx.AsyncClient, fake: FakeGemini, req: Request, key: str | None = KEY) -> list[Event]:
-    c = gemini.build(req, model=MODEL, base_url=fake.url, api_key=key, headers={})
-    return [ev async for ev in run(http, gemini, c, stream=req.stream, timeout=TIMEOUT)]
+    return await collect(http, gemini, req, model=MODEL, base_url=fake.url, api_key=key, timeout=TIMEOUT)
 
 
 def text_of(events: list[Event]) -> str:

@@ -12,6 +12,8 @@ from google.genai import errors, types
 from router.providers.fakes.common import Scenario
 from router.providers.fakes.gemini import FakeGemini
 
+from .adapters import fake_fixture
+
 MODEL = "gemini-2.5-flash"
 
 # google-genai subclasses aiohttp.ClientSession, which aiohttp deprecates; not our code to fix.
@@ -20,12 +22,7 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeGemini]:
-    server = FakeGemini()
-    await server.start()
-    yield server
-    await server.stop()
+fake = fake_fixture(FakeGemini)
 
 
 @pytest.fixture(params=["aiohttp", "httpx"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -18,52 +17,20 @@ from router.providers.base import Event, Finished, TextDelta, run
 from router.providers.fakes.common import FakeToolCall, Scenario
 from router.providers.fakes.openai import FakeOpenAI
 from router.providers.sse import SSEvent
-from schemas import ImagePart, Message, Request, TextPart, Tool, ToolCall
+from schemas import ImagePart, Message, Request, TextPart, ToolCall
+
+from .adapters import KEY, TIMEOUT, WEATHER, collect, fake_fixture, request, split, user
+from .adapters import http as http  # re-exported so that pytest finds the `http` fixture here
 
 MODEL = "gpt-4o-mini"
-KEY = "test-key"
-TIMEOUT = httpx.Timeout(connect=2, read=5, write=2, pool=2)
-WEATHER = Tool(
-    name="get_weather",
-    description="The current weather in a city.",
-    parameters={"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-)
 
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeOpenAI]:
-    fake = FakeOpenAI()
-    await fake.start()
-    yield fake
-    await fake.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:
-        yield client
-
-
-def request(*messages: Message, stream: bool = False, **kw: Any) -> Request:
-    return Request(id="r1", account="acme", reply_to="_INBOX.x", messages=list(messages), stream=stream, **kw)
-
-
-def user(text: str) -> Message:
-    return Message(role="user", content=text)
+fake = fake_fixture(FakeOpenAI)
 
 
 async def call(
     fake: FakeOpenAI, http: httpx.AsyncClient, req: Request, *, timeout: httpx.Timeout = TIMEOUT
 ) -> list[Event]:
-    built = adapter.build(req, model=MODEL, base_url=fake.url + "/v1", api_key=KEY, headers={})
-    return [ev async for ev in run(http, adapter, built, stream=req.stream, timeout=timeout)]
-
-
-def split(events: list[Event]) -> tuple[str, Finished]:
-    *deltas, finished = events
-    assert isinstance(finished, Finished)
-    assert all(isinstance(d, TextDelta) for d in deltas)
-    return "".join(d.text for d in deltas if isinstance(d, TextDelta)), finished
+    return await collect(http, adapter, req, model=MODEL, base_url=fake.url + "/v1", timeout=timeout)
 
 
 async def test_text(fake: FakeOpenAI, http: httpx.AsyncClient) -> None:

@@ -7,29 +7,18 @@ against OpenAI's Chat Completions API reference before committing it.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import pytest
 
 from router.providers import openai as adapter
-from schemas import ImagePart, Message, NamedToolChoice, Request, TextPart, Tool, ToolCall
+from schemas import ImagePart, Message, NamedToolChoice, Request, TextPart, ToolCall
+
+from .adapters import CLOCK, KEY, WEATHER, check_golden, request
 
 GOLDEN = Path(__file__).parent / "golden" / "openai"
 BASE_URL = "https://api.openai.com/v1"
-KEY = "test-key"
-
-WEATHER = Tool(
-    name="get_weather",
-    description="The current weather in a city.",
-    parameters={"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-)
-CLOCK = Tool(name="get_time", parameters={"type": "object", "properties": {"tz": {"type": "string"}}})
-
-
-def request(*messages: Message, **kw: Any) -> Request:
-    return Request(id="r1", account="acme", reply_to="_INBOX.x", messages=list(messages), **kw)
 
 
 class Case(NamedTuple):
@@ -104,14 +93,7 @@ def test_build_matches_golden(name: str) -> None:
     case = CASES[name]
     call = adapter.build(case.req, model="gpt-4o-mini", base_url=case.base_url, api_key=case.key,
                          headers=case.headers or {})
-    got = {"url": call.url, "headers": call.headers, "body": call.body}
-    path = GOLDEN / f"{name}.json"
-    if os.environ.get("UPDATE_GOLDEN") == "1":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(got, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    want = json.loads(path.read_text(encoding="utf-8"))
-    # Through JSON, as the body goes on the wire.
-    assert json.loads(json.dumps(got)) == want
+    check_golden(GOLDEN, name, {"url": call.url, "headers": call.headers, "body": call.body})
 
 
 def test_every_golden_file_has_a_case() -> None:
