@@ -29,6 +29,7 @@ lint: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/bench_transport.py
 	$(BIN)/python bench/bench_fleet.py
+	$(BIN)/python bench/bench_pull.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -60,9 +60,8 @@ class Dispatcher:
         self.concurrency = concurrency
 
     async def serve(self, stop: asyncio.Event) -> None:
-        sub = await self.js.pull_subscribe_bind("dispatch", "LLM_REQ")
         log.info("dispatcher_started")
-        await serve_pull(sub, self.handle, stop, limit=self.concurrency, batch=64)
+        await serve_pull(self.pub.nc, "LLM_REQ", "dispatch", self.handle, stop, limit=self.concurrency)
 
     async def handle(self, msg: Msg) -> None:
         """One request: the error boundary. Never raises except on cancellation."""

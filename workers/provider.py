@@ -49,6 +49,7 @@ class _Outcome:
     usage: Usage = field(default_factory=Usage)
     raw_usage: dict[str, object] | None = None
     first_token_ms: int | None = None
+    cost_usd: float | None = None
 
 
 @contextlib.asynccontextmanager
@@ -100,9 +101,9 @@ class PoolWorker:
         self.log = log.bind(pool=pool)
 
     async def serve(self, stop: asyncio.Event) -> None:
-        sub = await self.js.pull_subscribe_bind(f"pool-{self.pool_name}", "LLM_WORK")
         self.log.info("worker_started", provider=self.provider_name, concurrency=self.pool.concurrency)
-        await serve_pull(sub, self.handle, stop, limit=self.pool.concurrency)
+        consumer = f"pool-{self.pool_name}"
+        await serve_pull(self.pub.nc, "LLM_WORK", consumer, self.handle, stop, limit=self.pool.concurrency)
 
     async def handle(self, msg: Msg) -> None:
         """One work item: the error boundary. Never raises except on cancellation."""
@@ -177,6 +178,7 @@ class PoolWorker:
         )
         work.attempts.append(attempt)
         if failure is None:
+            out.cost_usd = self._cost(target.model, out.usage)
             await self._done(req, work, out)
             if out.seq:
                 await self.progress.finished(req.id)
@@ -269,7 +271,7 @@ class PoolWorker:
             provider=self.provider_name,
             model=model,
             usage=out.usage,
-            cost_usd=self._cost(model, out.usage),
+            cost_usd=out.cost_usd,
             attempts=work.attempts,
             latency_ms=now_ms() - work.accepted_ms,
             ttft_ms=(out.first_token_ms - work.accepted_ms) if out.first_token_ms else None,
@@ -294,7 +296,7 @@ class PoolWorker:
                 attempts=work.attempts,
                 usage=out.usage,
                 raw_usage=out.raw_usage,
-                cost_usd=None if error else self._cost(model, out.usage),
+                cost_usd=None if error else out.cost_usd,
                 latency_ms=finished - work.accepted_ms,
                 ttft_ms=(out.first_token_ms - work.accepted_ms) if out.first_token_ms else None,
                 started_ms=work.accepted_ms,

@@ -1,51 +1,105 @@
-"""The one pull loop every consumer of a work queue runs."""
+"""The one pull loop every consumer of a work queue runs.
+
+nats-py's `fetch(n)` holds messages it already has while it waits for the rest of
+its batch; with several replicas on one consumer that left messages waiting up to
+the fetch timeout (bench/RESULTS.md). This loop keeps one pull request open at a
+time, sized to the free handler slots, and hands each message to a handler the
+moment it arrives.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import time
 from collections.abc import Awaitable, Callable
 
+import structlog
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
+
+log = structlog.get_logger("pull")
+
+EXPIRES_S = 5.0
+"""Life of one pull request; an idle consumer asks again this often."""
+_GRACE_S = 1.0
+"""How long after its expiry a request whose end-of-request status was lost still counts."""
+
+
+class _Request:
+    """The one open pull request: how many messages it may still bring, and until when."""
+
+    def __init__(self) -> None:
+        self.left = 0
+        self.deadline = 0.0
+
+    @property
+    def open(self) -> bool:
+        return self.left > 0 and time.monotonic() < self.deadline
 
 
 async def serve_pull(
-    sub: JetStreamContext.PullSubscription,
+    nc: NATS,
+    stream: str,
+    consumer: str,
     handle: Callable[[Msg], Awaitable[None]],
     stop: asyncio.Event,
     *,
     limit: int,
-    batch: int = 32,
+    batch: int = 64,
+    api_prefix: str = "$JS.API",
 ) -> None:
-    """Run `handle` on each message, at most `limit` at once, until `stop` is set; then drain.
-
-    Fetches only as many messages as there are free slots, so no message waits in this
-    process while another replica is idle. `handle` is the caller's error boundary.
+    """Run `handle` on each message of a durable pull consumer, at most `limit` at once, until
+    `stop` is set; then let the running handlers finish. `handle` is the caller's error boundary.
     """
-    slots = asyncio.Semaphore(limit)
-
-    async def guarded(msg: Msg) -> None:
-        try:
-            await handle(msg)
-        finally:
-            slots.release()
+    next_subject = f"{api_prefix}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+    inbox = nc.new_inbox()
+    req = _Request()
+    wake = asyncio.Event()
+    busy = 0
 
     async with asyncio.TaskGroup() as tg:
-        while not stop.is_set():
-            await slots.acquire()
-            if stop.is_set():
-                slots.release()
-                break
-            free = 1
-            while free < batch and not slots.locked():
-                await slots.acquire()
-                free += 1
+
+        async def guarded(msg: Msg) -> None:
+            nonlocal busy
             try:
-                msgs = await sub.fetch(free, timeout=1)
-            except TimeoutError:  # nats' own TimeoutError derives from it
-                msgs = []
-            for _ in range(free - len(msgs)):
-                slots.release()
-            for msg in msgs:
-                tg.create_task(guarded(msg))
-    await sub.unsubscribe()
+                await handle(msg)
+            finally:
+                busy -= 1
+                if not req.open:
+                    wake.set()
+
+        async def on_msg(msg: Msg) -> None:
+            nonlocal busy
+            headers = msg.headers or {}
+            status = headers.get("Status")
+            if status is not None:
+                if status != "100":  # 100 is a heartbeat; 404/408/409 end the request
+                    if status not in ("404", "408"):
+                        log.info("pull_request_ended", status=status, description=headers.get("Description"))
+                    req.left = 0
+                    wake.set()
+                return
+            req.left -= 1
+            busy += 1
+            tg.create_task(guarded(msg))
+            if req.left <= 0:
+                wake.set()
+
+        sub = await nc.subscribe(inbox, cb=on_msg)
+        try:
+            while not stop.is_set():
+                free = limit - busy
+                if not req.open and free > 0:
+                    req.left = min(free, batch)
+                    req.deadline = time.monotonic() + EXPIRES_S + _GRACE_S
+                    body = {"batch": req.left, "expires": int(EXPIRES_S * 1e9)}
+                    await nc.publish(next_subject, json.dumps(body).encode(), reply=inbox)
+                wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(1.0, max(0.01, req.deadline - time.monotonic()))):
+                        await wake.wait()
+        finally:
+            # Messages pulled but not yet handed over are not acked: JetStream redelivers them.
+            await sub.unsubscribe()
