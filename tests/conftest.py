@@ -148,9 +148,11 @@ class Fleet:
     """Dispatcher, one worker per pool and the auditor, each on its own NATS connection."""
 
     def __init__(
-        self, nats_url: str, cfg: Config, db: asyncpg.Pool | None, pools: list[str] | None = None, **worker_opts: Any
+        self, nats_url: str, cfg: Config, db: asyncpg.Pool | None, pools: list[str] | None = None,
+        api_keys: dict[str, str | None] | None = None, **worker_opts: Any
     ) -> None:
         self.worker_opts = worker_opts
+        self.api_keys = api_keys if api_keys is not None else {n: "sk-test-not-a-real-key" for n in cfg.providers}
         self.pools = list(cfg.pools) if pools is None else pools
         self.nats_url = nats_url
         self.cfg = cfg
@@ -174,11 +176,10 @@ class Fleet:
             tg.create_task(Dispatcher(djs, Publisher(dnc, djs, prefix), self.cfg).serve(self.stop))
             for pool in self.pools:
                 wnc = await self._conn()
-                keys = {name: "sk-test-not-a-real-key" for name in self.cfg.providers}
                 wjs = wnc.jetstream()
                 progress = Progress(wnc, await ensure_bucket(wjs))
                 worker = PoolWorker(
-                    wjs, Publisher(wnc, wjs, prefix), http, self.cfg, pool, keys, progress, **self.worker_opts
+                    wjs, Publisher(wnc, wjs, prefix), http, self.cfg, pool, self.api_keys, progress, **self.worker_opts
                 )
                 tg.create_task(worker.serve(self.stop))
             if self.db is not None:
@@ -194,10 +195,11 @@ class Fleet:
 
 @contextlib.asynccontextmanager
 async def running_fleet(
-    nats_url: str, cfg: Config, db: asyncpg.Pool | None, pools: list[str] | None = None, **worker_opts: Any
+    nats_url: str, cfg: Config, db: asyncpg.Pool | None, pools: list[str] | None = None,
+    api_keys: dict[str, str | None] | None = None, **worker_opts: Any
 ) -> AsyncIterator[Fleet]:
     """The fleet in this process; `pools` limits which pools get a worker here (default: all)."""
-    fleet = Fleet(nats_url, cfg, db, pools, **worker_opts)
+    fleet = Fleet(nats_url, cfg, db, pools, api_keys, **worker_opts)
     started = asyncio.Event()
     task = asyncio.create_task(fleet.run(started))
     await asyncio.wait([task, asyncio.create_task(started.wait())], return_when=asyncio.FIRST_COMPLETED)

@@ -180,6 +180,8 @@ async def test_error_table_through_the_fleet(
     assert isinstance(err, Error), err
     assert err.code == code and err.retryable is retryable and err.seq == 0
     assert "sk-test" not in err.message  # the fleet's key never shows
+    if code == "UNAUTHORIZED":
+        assert f"SY_TEST_{fmt.upper()}_KEY" in err.message  # ...but where it comes from does
     tries = len(fakes[fmt].requests) - before
     # Retryable provider failures are tried again (the pool's policy: 2 attempts); the rest once.
     assert tries == (2 if code == "PROVIDER_ERROR" else 1)
@@ -248,3 +250,19 @@ async def test_read_timeout_and_refused_connection_are_retryable_provider_errors
     assert len(fakes[fmt].requests) - before == 2  # the pool's retry policy tried twice
     assert isinstance(refused, Error) and refused.code == "PROVIDER_ERROR" and refused.retryable
     assert "could not reach" in refused.message
+
+
+async def test_a_missing_key_is_named_and_the_next_target_serves(
+    nats_url: str, fakes: Fakes, db: asyncpg.Pool, nc: NATS
+) -> None:
+    cfg = fleet_config({fmt: fakes[fmt].url + BASE_PATH[fmt] for fmt in FORMATS})
+    cfg.routes["draft"]["default"] = ["openai:gpt-4o-mini", "anthropic:claude-haiku-4-5"]
+    keys: dict[str, str | None] = {"openai": None, "anthropic": "test-key", "gemini": "test-key"}
+    async with running_fleet(nats_url, cfg, db, api_keys=keys):
+        [refused] = await ask_raw(nc, request("hi"), subject=subject("openai"))
+        [served] = await ask_raw(nc, request("hi"))
+    assert isinstance(refused, Error) and refused.code == "UNAUTHORIZED"
+    assert "set SY_TEST_OPENAI_KEY" in refused.message
+    assert not fakes["openai"].requests  # never called without a key
+    assert isinstance(served, Done) and served.provider == "anthropic"
+    assert [(a.pool, a.error) for a in served.attempts] == [("openai", "UNAUTHORIZED"), ("anthropic", None)]

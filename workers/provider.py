@@ -216,6 +216,13 @@ class PoolWorker:
     async def _call_with_retries(self, req: Request, model: str, out: _Outcome) -> ProviderFailure | None:
         """Call the provider, retrying retryable failures until a chunk went out. Returns the last failure."""
         policy = self.pool.retry
+        if self.provider.api_key_env and not self.api_key:
+            return ProviderFailure(
+                ErrorCode.UNAUTHORIZED,
+                f"no API key for provider {self.provider_name!r}: set {self.provider.api_key_env} in the environment"
+                f" of pool {self.pool_name!r}'s workers",
+                retry=False,
+            )
         call = self.adapter.build(
             req, model=model, base_url=self.provider.base_url, api_key=self.api_key, headers=self.provider.headers
         )
@@ -233,6 +240,8 @@ class PoolWorker:
                             out.tool_calls = fin.tool_calls
                 return None
             except ProviderFailure as failure:
+                if failure.code is ErrorCode.UNAUTHORIZED and self.provider.api_key_env:
+                    failure.message += f" for provider {self.provider_name!r}: check {self.provider.api_key_env}"
                 if failure.credit_exhausted:
                     # Concerns every pool of this provider; acting on it is the router's job.
                     self.log.error("provider_credit_exhausted", provider=self.provider_name, request_id=req.id)
