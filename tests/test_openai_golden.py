@@ -85,6 +85,12 @@ CASES: dict[str, Case] = {
         headers={"openai-organization": "org-test"},
         base_url="http://127.0.0.1:4000/v1/",
     ),
+    "compatible_server": Case(
+        # Z.ai's OpenAI-compatible endpoint: the token limit goes as `max_tokens`, not OpenAI's newer field.
+        request(Message(role="user", content="Summarise: queues decouple producers from consumers."),
+                max_tokens=128),
+        base_url="https://api.z.ai/api/paas/v4",
+    ),
 }
 
 

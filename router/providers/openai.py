@@ -55,12 +55,18 @@ def _message(msg: Message) -> dict[str, object]:
     return out
 
 
+def _max_tokens_field(base_url: str) -> str:
+    """OpenAI's own API wants `max_completion_tokens` (its reasoning models refuse `max_tokens`);
+    OpenAI-compatible servers (vLLM, Ollama, Groq, Z.ai, ...) know `max_tokens`."""
+    return "max_completion_tokens" if httpx.URL(base_url).host == "api.openai.com" else "max_tokens"
+
+
 def build(
     req: Request, *, model: str, base_url: str, api_key: str | None, headers: Mapping[str, str]
 ) -> HttpCall:
     body: dict[str, object] = {"model": model, "messages": [_message(m) for m in req.messages]}
     if req.max_tokens is not None:
-        body["max_tokens"] = req.max_tokens
+        body[_max_tokens_field(base_url)] = req.max_tokens
     if req.temperature is not None:
         body["temperature"] = req.temperature
     if req.tools:
