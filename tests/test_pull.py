@@ -76,3 +76,28 @@ async def test_stop_lets_running_handlers_finish(nats_url: str) -> None:
     await asyncio.wait_for(task, 10)
     assert finished == [b"one"]
     await nc.close()
+
+
+async def test_a_handler_that_raises_does_not_stop_the_loop(nats_url: str) -> None:
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await js.add_stream(api.StreamConfig(name="S", subjects=["s.>"], retention=api.RetentionPolicy.WORK_QUEUE))
+    await js.add_consumer("S", api.ConsumerConfig(durable_name="c", ack_policy=api.AckPolicy.EXPLICIT))
+    handled: list[bytes] = []
+    stop = asyncio.Event()
+
+    async def fragile(msg: Msg) -> None:
+        if msg.data == b"boom":
+            raise RuntimeError("the handler's own error boundary failed")
+        await msg.ack()
+        handled.append(msg.data)
+
+    task = asyncio.create_task(serve_pull(nc, "S", "c", fragile, stop, limit=4))
+    await js.publish("s.x", b"boom")
+    await js.publish("s.x", b"after")
+    async with asyncio.timeout(5):
+        while b"after" not in handled:
+            await asyncio.sleep(0.02)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    await nc.close()

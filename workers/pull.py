@@ -65,6 +65,10 @@ async def serve_pull(
             nonlocal busy
             try:
                 await handle(msg)
+            except Exception:
+                # The handler's own boundary failed too (e.g. NATS gone while answering). The message
+                # is not acked, so JetStream redelivers it; the loop and its process live on.
+                log.exception("handler_failed", subject=msg.subject, stream=stream, consumer=consumer)
             finally:
                 busy -= 1
                 if not req.open:
