@@ -65,8 +65,9 @@ class Auditor:
             try:
                 await self.write(msgs)
                 delay = 0.5
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                # Nothing acked: JetStream redelivers these after the delay; the insert is idempotent.
+            except Exception as exc:
+                # PostgreSQL down or refusing: nothing is acked, JetStream redelivers after the delay and
+                # the insert is idempotent. The loop never dies on a batch.
                 log.warning("audit_write_failed", error=repr(exc), batch=len(msgs), retry_in_s=delay)
                 for m in msgs:
                     await m.nak(delay=delay)
