@@ -102,6 +102,9 @@ class PoolWorker:
 
     async def serve(self, stop: asyncio.Event) -> None:
         self.log.info("worker_started", provider=self.provider_name, concurrency=self.pool.concurrency)
+        if self.provider.api_key_env and not self.api_key:
+            self.log.warning("no_api_key", provider=self.provider_name, variable=self.provider.api_key_env,
+                             effect="every request is refused with UNAUTHORIZED and falls back to the next target")
         consumer = f"pool-{self.pool_name}"
         await serve_pull(self.pub.nc, "LLM_WORK", consumer, self.handle, stop, limit=self.pool.concurrency)
 
