@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 import msgspec
 from nats.aio.client import Client as NATS
 
-from schemas import Chunk, Done, Error
+from schemas import Chunk, Done, Error, decode_reply
 
 from .conftest import Fleet
 from .helpers import ask_raw, audit_row, dlq_messages, request
@@ -105,3 +107,19 @@ async def test_a_republished_request_is_served_once(fleet: Fleet, nc: NATS) -> N
     ack = await nc.jetstream().publish("llm.req.draft.acme", again, headers={"Nats-Msg-Id": body["id"]})
     assert ack.duplicate
     assert len(replies) == 1 and isinstance(replies[0], Done)
+
+
+async def test_replies_to_llm_res_are_kept_for_a_producer_that_reads_later(fleet: Fleet, nc: NATS) -> None:
+    # A batch job publishes and goes away; its replies wait in LLM_RES.
+    body = request("Summarise the night's tickets", stream=True)
+    subject = f"llm.res.nightly.{body['id']}"
+    await nc.jetstream().publish("llm.req.draft.acme", msgspec.json.encode({**body, "reply_to": subject}),
+                                 headers={"Nats-Msg-Id": body["id"]})
+    await asyncio.sleep(1.0)  # nobody is listening meanwhile
+    sub = await nc.jetstream().subscribe(subject, ordered_consumer=True)
+    replies = []
+    while not replies or not isinstance(replies[-1], Done | Error):
+        replies.append(decode_reply((await sub.next_msg(timeout=10)).data))
+    await sub.unsubscribe()
+    assert [r.seq for r in replies] == list(range(len(replies)))
+    assert isinstance(replies[-1], Done) and replies[-1].text == "".join(r.text for r in replies[:-1])
