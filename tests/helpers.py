@@ -10,7 +10,7 @@ import asyncpg
 import msgspec
 from nats.aio.client import Client as NATS
 
-from schemas import Reply, decode_reply
+from schemas import Done, Error, Reply, decode_reply
 
 
 async def ask_raw(
@@ -25,7 +25,7 @@ async def ask_raw(
     async def on_msg(msg: Any) -> None:
         reply = decode_reply(msg.data)
         replies.append(reply)
-        if reply.__class__.__name__ in ("Done", "Error"):
+        if isinstance(reply, Done | Error):
             finished.set()
 
     sub = await nc.subscribe(inbox, cb=on_msg)
