@@ -61,8 +61,7 @@ from router import config as config_mod
 from router.client import Client, SwitchyardError, new_request_id
 from router.config import Config
 from schemas import Done, Message
-from workers.db import migrate
-from workers.runtime import ensure_topology
+from workers.processes import prepare
 
 USE_CASE = "draft"
 ACCOUNT = "bench"
@@ -263,20 +262,6 @@ def fleet_config(base_url: str) -> Config:
         "pools": {POOL: {"provider": POOL, "concurrency": POOL_CONCURRENCY}},
         "routes": {USE_CASE: {"default": [f"{POOL}:{MODEL}"]}},
     })
-
-
-async def prepare(nats_url: str, database_url: str, cfg: Config) -> None:
-    """Streams, consumers and tables, before any fleet process starts (as `switchyard up` does)."""
-    nc = await nats.connect(nats_url)
-    try:
-        await ensure_topology(nc.jetstream(), cfg)
-    finally:
-        await nc.close()
-    conn = await asyncpg.connect(database_url)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
 
 
 # ---------------------------------------------------------------- measuring

@@ -48,6 +48,20 @@ def http_client() -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=AiohttpTransport(limits=limits), follow_redirects=False)
 
 
+async def prepare(nats_url: str, database_url: str, cfg: Config) -> None:
+    """Streams, consumers and tables, before any fleet process starts (every process also does its part)."""
+    nc = await connect(nats_url, "switchyard-prepare")
+    try:
+        await ensure_topology(nc.jetstream(), cfg)
+    finally:
+        await nc.close()
+    conn = await asyncpg.connect(database_url)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+
+
 async def run_dispatcher(stop: asyncio.Event, cfg: Config, nats_url: str) -> None:
     nc = await connect(nats_url, "switchyard-dispatcher")
     try:

@@ -22,16 +22,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import msgspec
 
 from router import config as config_mod
 from router.config import Config
 from router.providers.fakes import FakeOpenAI, Scenario
 
-from .db import migrate
-from .processes import api_keys, load_config
-from .runtime import connect, ensure_topology
+from .processes import api_keys, load_config, prepare
 
 DEMO_MODEL = "switchyard-demo"
 STATE_FILE = "state.json"
@@ -197,16 +194,7 @@ async def up(stop: asyncio.Event, *, config_path: str | None, data_dir: Path, na
 
         effective = data_dir / "config.json"
         effective.write_bytes(config_mod.encode(cfg))
-        nc = await connect(nats_url, "switchyard-up")
-        try:
-            await ensure_topology(nc.jetstream(), cfg)
-        finally:
-            await nc.close()
-        conn = await asyncpg.connect(database_url)
-        try:
-            await migrate(conn)
-        finally:
-            await conn.close()
+        await prepare(nats_url, database_url, cfg)
 
         env: dict[str, str] = {**os.environ, "NATS_URL": nats_url, "DATABASE_URL": database_url}
         me = [sys.executable, "-m", "workers.cli"]

@@ -11,7 +11,7 @@ import httpx
 from schemas import ImagePart, Message, NamedToolChoice, Request, TextPart, ToolCall, Usage
 
 from ..errors import ErrorCode, ProviderFailure, StreamBroken
-from .base import Event, Finished, HttpCall, TextDelta, error_body, retry_after_ms
+from .base import Event, Finished, HttpCall, TextDelta, error_body, event_json, retry_after_ms
 from .sse import SSEvent
 
 format = "anthropic"
@@ -235,12 +235,7 @@ class _StreamParser:
         self.tools: dict[int, _ToolBlock] = {}
 
     def feed(self, event: SSEvent) -> list[Event]:
-        try:
-            data = json.loads(event.data)
-        except ValueError as exc:
-            raise StreamBroken("the provider sent a malformed stream event") from exc
-        if not isinstance(data, dict):
-            raise StreamBroken("the provider sent a malformed stream event")
+        data = event_json(event)
         kind = data.get("type") or event.event
         if kind == "error":
             err = data.get("error")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Mapping
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import httpx
 from msgspec import Struct
@@ -83,6 +83,17 @@ def retry_after_ms(headers: httpx.Headers) -> int | None:
         except ValueError:
             return None
     return None
+
+
+def event_json(event: SSEvent) -> dict[str, Any]:
+    """The JSON object a stream event carries. Raises StreamBroken when it is not one."""
+    try:
+        data = json.loads(event.data)
+    except ValueError as exc:
+        raise StreamBroken("the provider sent a malformed stream event") from exc
+    if not isinstance(data, dict):
+        raise StreamBroken("the provider sent a malformed stream event")
+    return data
 
 
 def error_body(body: bytes) -> dict[str, object]:

@@ -10,7 +10,7 @@ import httpx
 from schemas import ImagePart, Message, NamedToolChoice, Request, TextPart, ToolCall, Usage
 
 from ..errors import ErrorCode, ProviderFailure, StreamBroken
-from .base import Event, Finished, HttpCall, TextDelta, error_body, retry_after_ms
+from .base import Event, Finished, HttpCall, TextDelta, error_body, event_json, retry_after_ms
 from .sse import SSEvent
 
 format = "openai"
@@ -175,12 +175,7 @@ class _StreamParser:
         if event.data == "[DONE]":
             self.done = True
             return []
-        try:
-            data = json.loads(event.data)
-        except ValueError as exc:
-            raise StreamBroken("the provider sent a malformed stream event") from exc
-        if not isinstance(data, dict):
-            raise StreamBroken("the provider sent a malformed stream event")
+        data = event_json(event)
         if "error" in data:
             raise StreamBroken("the provider reported an error mid-stream")
         self.model = data.get("model") or self.model
