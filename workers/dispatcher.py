@@ -8,7 +8,7 @@ import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from router.config import Config
+from router.config import Config, parse_target
 from router.errors import ErrorCode, SwitchyardError
 from schemas import (
     REPLY_PREFIXES,
@@ -43,12 +43,27 @@ def choose_route(cfg: Config, req: Request) -> list[Target]:
             f"no route for use case {req.use_case!r} (configured: {', '.join(sorted(cfg.routes)) or 'none'})",
         )
     if req.model is not None:
-        targets = [t for t in targets if req.model in (t.model, str(t))]
-        if not targets:
-            raise Refusal(
-                ErrorCode.NO_ROUTE, f"model {req.model!r} is not among the targets of {req.use_case}/{req.tier}"
-            )
+        return forced_targets(cfg, req.model, targets)
     return targets
+
+
+def _names(cfg: Config, t: Target) -> tuple[str, ...]:
+    return (t.model, f"{t.pool}:{t.model}", f"{cfg.pools[t.pool].provider}:{t.model}")
+
+
+def forced_targets(cfg: Config, model: str, route: list[Target]) -> list[Target]:
+    """The targets for a request that forces `model` (`provider:model`, `pool:model` or a bare model name):
+    those of its own route first; else the first target anywhere in the config that serves it."""
+    chosen = [t for t in route if model in _names(cfg, t)]
+    if chosen:
+        return chosen
+    for tiers in cfg.routes.values():
+        for names in tiers.values():
+            for name in names:
+                t = parse_target(name)
+                if model in _names(cfg, t):
+                    return [t]
+    raise Refusal(ErrorCode.NO_ROUTE, f"model {model!r} is not served by any configured target")
 
 
 class Dispatcher:
