@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import ctypes
 import gc
-import importlib.metadata
 import os
 import platform
 import shutil
@@ -56,6 +55,7 @@ import asyncpg
 import nats
 import psutil
 import uvloop
+from machine import cpu_model, version  # bench/ is on sys.path when a bench runs
 
 from router import config as config_mod
 from router.client import Client, SwitchyardError, new_request_id
@@ -552,24 +552,6 @@ async def measure(procs: Processes, nats_url: str, database_url: str, args: argp
 
 
 # ---------------------------------------------------------------- reporting
-
-
-def version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def environment(postgres_version: str) -> str:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import importlib.metadata
 import multiprocessing as mp
 import os
 import platform
@@ -40,6 +39,7 @@ import aiohttp
 import httpx
 import uvloop
 from httpx_aiohttp import AiohttpTransport
+from machine import cpu_model, version  # bench/ is on sys.path when a bench runs
 
 from router.providers import base
 from router.providers import openai as openai_adapter
@@ -289,24 +289,6 @@ async def run_all(url: str, args: argparse.Namespace) -> tuple[list[Cell], list[
 
 
 # ---------------------------------------------------------------- reporting
-
-
-def version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def environment() -> str:
