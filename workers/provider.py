@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import httpx
@@ -52,24 +52,46 @@ class _Outcome:
     cost_usd: float | None = None
 
 
-@contextlib.asynccontextmanager
-async def _keepalive(msg: Msg, every_s: float) -> AsyncIterator[None]:
-    async def beat() -> None:
-        while True:
-            await asyncio.sleep(every_s)
-            try:
-                await msg.in_progress()
-            except Exception as exc:  # a missed beat is not worth failing the request for
-                log.warning("keepalive_failed", error=repr(exc))
+class _Heartbeat:
+    """Tells JetStream every in-flight work item is still in progress, well inside ack_wait.
 
-    # A plain task, not a TaskGroup: a TaskGroup would wrap the body's own errors in a group.
-    task = asyncio.create_task(beat())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    One loop for the whole worker rather than a task per request.
+    """
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self.inflight: dict[int, Msg] = {}  # by id(): nats-py's Msg is not hashable
+        self._idle = asyncio.Event()
+
+    @contextlib.contextmanager
+    def held(self, msg: Msg) -> Iterator[None]:
+        self.inflight[id(msg)] = msg
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            del self.inflight[id(msg)]
+            if not self.inflight:
+                self._idle.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Beat until `stop` is set and the last held message is done."""
+        while True:
+            if stop.is_set() and not self.inflight:
+                return
+            # Wake early for shutdown (stop, then idle) rather than sleeping a whole period.
+            waiter = self._idle if stop.is_set() else stop
+            try:
+                async with asyncio.timeout(self.every_s):
+                    await waiter.wait()
+                continue
+            except TimeoutError:
+                pass
+            for msg in list(self.inflight.values()):
+                try:
+                    await msg.in_progress()
+                except Exception as exc:  # a missed beat is not worth failing the request for
+                    log.warning("keepalive_failed", error=repr(exc))
 
 
 class PoolWorker:
@@ -96,7 +118,7 @@ class PoolWorker:
         self.adapter = providers.adapter_for(self.provider.format)
         self.api_key = api_keys.get(self.provider_name)
         # How often a long call tells JetStream it is still in progress: well inside ack_wait.
-        self.keepalive_s = keepalive_s if keepalive_s is not None else self.pool.ack_wait_ms / 3000
+        self.heartbeat = _Heartbeat(keepalive_s if keepalive_s is not None else self.pool.ack_wait_ms / 3000)
         self.progress = progress
         self.log = log.bind(pool=pool)
 
@@ -106,7 +128,9 @@ class PoolWorker:
             self.log.warning("no_api_key", provider=self.provider_name, variable=self.provider.api_key_env,
                              effect="every request is refused with UNAUTHORIZED and falls back to the next target")
         consumer = f"pool-{self.pool_name}"
-        await serve_pull(self.pub.nc, "LLM_WORK", consumer, self.handle, stop, limit=self.pool.concurrency)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.heartbeat.run(stop))
+            await serve_pull(self.pub.nc, "LLM_WORK", consumer, self.handle, stop, limit=self.pool.concurrency)
 
     async def handle(self, msg: Msg) -> None:
         """One work item: the error boundary. Never raises except on cancellation."""
@@ -123,7 +147,7 @@ class PoolWorker:
         bound = self.log.bind(request_id=req.id, account=req.account)
         out = _Outcome()
         try:
-            async with _keepalive(msg, self.keepalive_s):
+            with self.heartbeat.held(msg):
                 await self._serve(msg, work, out, bound)
         except Exception as exc:
             bound.exception("worker_failed")
