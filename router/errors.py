@@ -7,6 +7,8 @@ from typing import NamedTuple
 
 from schemas import Error
 
+from .redact import scrub
+
 
 class _Row(NamedTuple):
     status: int
@@ -72,7 +74,8 @@ class SwitchyardError(Exception):
             seq=seq,
             code=self.code.value,
             status=self.code.status,
-            message=self.message,
+            # Messages can quote a provider's words; never let a key-shaped string through.
+            message=scrub(self.message),
             retryable=self.code.retryable,
             retry_after_ms=self.retry_after_ms,
         )

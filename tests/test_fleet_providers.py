@@ -266,3 +266,12 @@ async def test_a_missing_key_is_named_and_the_next_target_serves(
     assert not fakes["openai"].requests  # never called without a key
     assert isinstance(served, Done) and served.provider == "anthropic"
     assert [(a.pool, a.error) for a in served.attempts] == [("openai", "UNAUTHORIZED"), ("anthropic", None)]
+
+
+async def test_a_provider_message_quoting_a_key_is_masked(multi: Fleet, nc: NATS, fakes: Fakes) -> None:
+    leaked = "sk-proj-" + "Zz9Yy8Xx7Ww6Vv5Uu4Tt3Ss2"
+    fakes["openai"].scenarios["echo"] = Scenario(status=400, error_body={"error": {
+        "message": f"Invalid value for 'user': {leaked}", "type": "invalid_request_error", "code": None}})
+    [err] = await ask(nc, "openai", request("[[fake:echo]]"))
+    assert isinstance(err, Error) and err.code == "INVALID_REQUEST"
+    assert leaked not in err.message and "[redacted]" in err.message
