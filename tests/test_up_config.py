@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+from pathlib import Path
+
+import msgspec
+import pytest
+
 from router.config import load
 from workers.processes import DEFAULT_CONFIG
-from workers.up import DEMO_MODEL, demo_config, keyed_config
+from workers.up import DEMO_MODEL, STATE_FILE, State, demo_config, keyed_config, up
 
 
 def test_demo_config_routes_every_use_case_and_tier_to_the_demo() -> None:
@@ -27,3 +34,14 @@ def test_providers_without_a_key_are_left_out_with_their_targets() -> None:
     # summarize/pro had no openai target: the tier is gone, and `default` serves it.
     assert "pro" not in pruned.routes["summarize"]
     assert [str(t) for t in pruned.route("summarize", "pro") or []] == ["openai:gpt-4o-mini"]
+
+
+async def test_a_second_up_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / STATE_FILE).write_bytes(msgspec.json.encode(
+        State(nats_url="nats://127.0.0.1:1", database_url="postgresql://x", pid=os.getpid())))
+    with pytest.raises(SystemExit) as info:
+        await up(asyncio.Event(), config_path=None, data_dir=data_dir, nats_port=0)
+    assert "already up" in str(info.value) and str(os.getpid()) in str(info.value)
+    assert not (data_dir / "pg").exists()  # refused before starting anything

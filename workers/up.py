@@ -53,6 +53,16 @@ def read_state(data_dir: Path) -> State | None:
         return None
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def say(text: str) -> None:
     print(f"switchyard: {text}", flush=True)
 
@@ -162,6 +172,12 @@ def keyed_config(cfg: Config, keys: dict[str, str | None]) -> tuple[Config, list
 async def up(stop: asyncio.Event, *, config_path: str | None, data_dir: Path, nats_port: int) -> None:
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    running = read_state(data_dir)
+    if running is not None and _alive(running.pid):
+        raise SystemExit(
+            f"switchyard: a fleet is already up with data dir {data_dir} (pid {running.pid}, NATS at"
+            f" {running.nats_url}); stop it first, or use another --data-dir"
+        )
     cfg = load_config(config_path)
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
     pg_server: Any = None
