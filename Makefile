@@ -20,6 +20,8 @@ run: $(VENV)/.installed
 	$(BIN)/switchyard up
 
 test: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/mypy schemas router workers
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed-test
