@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--pool", required=True)
     w.add_argument("--config")
 
+    st = sub.add_parser("status", help="queues and consumers: what waits, what is in flight, live replicas")
+    st.add_argument("--data-dir", type=Path, default=None, help="find the fleet `switchyard up` started here")
+
     ask = sub.add_parser("ask", help="send one request and print the answer")
     ask.add_argument("prompt")
     ask.add_argument("--use-case", default="draft")
@@ -58,6 +61,19 @@ def _nats_url_for_client(data_dir: Path | None) -> str:
     return state.nats_url if state else "nats://127.0.0.1:4222"
 
 
+async def _connect_once(url: str) -> nats.NATS:
+    """One attempt, no reconnect loop and no traceback: a CLI reports an unreachable fleet and exits."""
+
+    async def quiet(_exc: Exception) -> None:
+        return None
+
+    # max_reconnect_attempts=0 would mean "forever" to nats-py; 1 is one retry, then NoServersError.
+    return await nats.connect(
+        url, connect_timeout=3, allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0.1,
+        error_cb=quiet,
+    )
+
+
 def _summary(done: Done, wall_ms: float) -> str:
     u = done.usage
     cost = f"${done.cost_usd:.6f}" if done.cost_usd is not None else "unknown"
@@ -71,7 +87,7 @@ def _summary(done: Done, wall_ms: float) -> str:
 async def _ask(args: argparse.Namespace) -> int:
     url = _nats_url_for_client(args.data_dir)
     try:
-        nc = await nats.connect(url, connect_timeout=3, max_reconnect_attempts=0)
+        nc = await _connect_once(url)
     except Exception as exc:
         print(f"switchyard: cannot reach NATS at {url} ({type(exc).__name__}); is `switchyard up` running?",
               file=sys.stderr)
@@ -104,12 +120,29 @@ async def _ask(args: argparse.Namespace) -> int:
         await nc.close()
 
 
+async def _status(args: argparse.Namespace) -> int:
+    from .status import report
+
+    url = _nats_url_for_client(args.data_dir)
+    try:
+        nc = await _connect_once(url)
+    except Exception as exc:
+        print(f"switchyard: cannot reach NATS at {url} ({type(exc).__name__}); is the fleet up?", file=sys.stderr)
+        return 2
+    try:
+        print(f"NATS: {url}\n")
+        print(await report(nc.jetstream()))
+        return 0
+    finally:
+        await nc.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    if args.command == "ask":
+    if args.command in ("ask", "status"):
         import uvloop
 
-        sys.exit(uvloop.run(_ask(args)))
+        sys.exit(uvloop.run(_ask(args) if args.command == "ask" else _status(args)))
     configure_logging(args.log_level)
     try:
         if args.command == "up":
