@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import nats
+from nats.aio.client import Client as NATS
 
 from router.client import Client
 from router.config import ConfigError
@@ -61,7 +62,7 @@ def _nats_url_for_client(data_dir: Path | None) -> str:
     return state.nats_url if state else "nats://127.0.0.1:4222"
 
 
-async def _connect_once(url: str) -> nats.NATS:
+async def _connect_once(url: str) -> NATS:
     """One attempt, no reconnect loop and no traceback: a CLI reports an unreachable fleet and exits."""
 
     async def quiet(_exc: Exception) -> None:
