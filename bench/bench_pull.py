@@ -71,9 +71,13 @@ async def run(url: str, loop_kind: str, replicas: int, conc: int, duration: floa
         if f is not None:
             f.set_result(time.perf_counter())
 
+    async def give_up(m: Msg, reason: str) -> None:
+        raise RuntimeError(f"the bench's handler never fails: {reason}")
+
     conns = [await nats.connect(url) for _ in range(replicas)]
     if loop_kind == "serve_pull":
-        tasks = [asyncio.create_task(serve_pull(c, "S", "c", handle, stop, limit=256)) for c in conns]
+        tasks = [asyncio.create_task(serve_pull(c, "S", "c", handle, stop, limit=256, give_up=give_up, max_deliver=5))
+                 for c in conns]
     else:
         tasks = [asyncio.create_task(_fetch_loop(c, handle, stop, 32)) for c in conns]
     await asyncio.sleep(0.3)

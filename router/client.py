@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -22,6 +23,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from schemas import Chunk, Done, Error, Message, Reply, Request, decode_reply, encode
+from schemas.limits import id_problem
 
 from .errors import ErrorCode, SwitchyardError
 
@@ -34,6 +36,15 @@ def new_request_id() -> str:
     """A ULID: 48 bits of milliseconds then 80 random bits, Crockford base32 (sortable by time)."""
     value = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
     return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+
+
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def _name_problem(what: str, name: str) -> str | None:
+    if _NAME.fullmatch(name):
+        return None
+    return f"{what} {name[:140]!r} is not 1-128 characters from A-Z a-z 0-9 _ -"
 
 
 class Stream:
@@ -128,6 +139,11 @@ class Client:
         **fields: Any,
     ) -> Request:
         rid = fields.pop("id", None) or new_request_id()
+        # Checked here as the dispatcher would: a refusal could not reach this client's inbox
+        # (the id is the inbox's last token), so it would only wait for its timeout.
+        problem = id_problem(rid) or _name_problem("use case", use_case) or _name_problem("account", account)
+        if problem:
+            raise SwitchyardError(ErrorCode.INVALID_REQUEST, f"invalid request: {problem}")
         return Request(
             id=rid,
             use_case=use_case,
@@ -141,9 +157,9 @@ class Client:
     async def _publish(self, req: Request) -> None:
         if self._sub is None:
             raise RuntimeError("Client is not connected: use `await Client.connect(nc)`")
-        await self.js.publish(
-            f"{self.prefix}.req.{req.use_case}.{req.account}", encode(req), headers={"Nats-Msg-Id": req.id}
-        )
+        # Deduplication scoped by account: another account's request with the same id is not a duplicate.
+        headers = {"Nats-Msg-Id": f"{req.account}:{req.id}"}
+        await self.js.publish(f"{self.prefix}.req.{req.use_case}.{req.account}", encode(req), headers=headers)
 
     def stream(self, use_case: str, account: str, messages: Sequence[Message], **fields: Any) -> Stream:
         """Start a streaming request; iterate the result for text. Raises SwitchyardError on an `error`."""

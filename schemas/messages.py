@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from . import limits as L
+
 VERSION = 1
 
 REPLY_PREFIXES = ("_INBOX.", "llm.res.")
@@ -18,6 +20,11 @@ REPLY_PREFIXES = ("_INBOX.", "llm.res.")
 JSONObject = dict[str, object]
 NonEmpty = Annotated[str, Meta(min_length=1)]
 Token = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+MetadataKey = Annotated[str, Meta(max_length=L.MAX_METADATA_KEY)]
+MetadataValue = Annotated[str, Meta(max_length=L.MAX_METADATA_VALUE)]
+Metadata = Annotated[dict[MetadataKey, MetadataValue], Meta(max_length=L.MAX_METADATA)]
 
 
 # --- request -----------------------------------------------------------------
@@ -30,9 +37,9 @@ class TextPart(Struct, tag="text", tag_field="type", kw_only=True):
 class ImagePart(Struct, tag="image", tag_field="type", kw_only=True, omit_defaults=True):
     """An image given by `url`, or inline as base64 `data` with its `media_type`."""
 
-    url: str | None = None
+    url: Annotated[str, Meta(max_length=L.MAX_IMAGE_URL)] | None = None
     data: str | None = None
-    media_type: str | None = None
+    media_type: Annotated[str, Meta(max_length=L.MAX_MEDIA_TYPE)] | None = None
 
     def __post_init__(self) -> None:
         if (self.url is None) == (self.data is None):
@@ -45,16 +52,16 @@ Part = TextPart | ImagePart
 
 
 class ToolCall(Struct, kw_only=True):
-    id: NonEmpty
+    id: Annotated[str, Meta(min_length=1, max_length=L.MAX_TOOL_CALL_ID)]
     name: NonEmpty
     arguments: JSONObject = {}
 
 
 class Message(Struct, kw_only=True, omit_defaults=True):
     role: Literal["system", "user", "assistant", "tool"]
-    content: str | list[Part] | None = None
-    tool_calls: list[ToolCall] | None = None
-    tool_call_id: str | None = None
+    content: str | Annotated[list[Part], Meta(max_length=L.MAX_PARTS)] | None = None
+    tool_calls: Annotated[list[ToolCall], Meta(max_length=L.MAX_TOOL_CALLS)] | None = None
+    tool_call_id: Annotated[str, Meta(max_length=L.MAX_TOOL_CALL_ID)] | None = None
 
     def __post_init__(self) -> None:
         if self.role == "tool" and not self.tool_call_id:
@@ -69,7 +76,7 @@ class Message(Struct, kw_only=True, omit_defaults=True):
 
 class Tool(Struct, kw_only=True):
     name: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
-    description: str = ""
+    description: Annotated[str, Meta(max_length=L.MAX_TOOL_DESCRIPTION)] = ""
     parameters: JSONObject = msgspec.field(default_factory=lambda: {"type": "object", "properties": {}})
 
 
@@ -84,21 +91,20 @@ class Request(Struct, kw_only=True, omit_defaults=True):
     """An LLM request, published on `llm.req.<use_case>.<account>`."""
 
     v: Literal[1] = 1
-    id: Annotated[str, Meta(min_length=1, max_length=128)]
+    id: Annotated[str, Meta(min_length=1, max_length=L.MAX_ID)]
     use_case: Token | None = None
     account: Token
     tier: Token = "default"
-    messages: Annotated[list[Message], Meta(min_length=1)]
+    messages: Annotated[list[Message], Meta(min_length=1, max_length=L.MAX_MESSAGES)]
     max_tokens: Annotated[int, Meta(gt=0)] | None = None
     temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
-    model: str | None = None
+    model: Annotated[str, Meta(max_length=L.MAX_MODEL)] | None = None
     stream: bool = False
-    tools: list[Tool] | None = None
+    tools: Annotated[list[Tool], Meta(max_length=L.MAX_TOOLS)] | None = None
     tool_choice: ToolChoice | None = None
     reply_to: NonEmpty
     timeout_ms: Annotated[int, Meta(gt=0, le=3_600_000)] = 60_000
-    metadata: dict[str, str] = {}
-
+    metadata: Metadata = {}
 
 
 # --- replies -----------------------------------------------------------------

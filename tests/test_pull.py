@@ -5,12 +5,20 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import nats
 from nats.aio.msg import Msg
 from nats.js import api
 
 from workers.pull import serve_pull
+
+
+async def _never(msg: Msg, reason: str) -> None:
+    raise AssertionError(f"gave up on {msg.data!r}: {reason}")
+
+
+NO_DLQ: dict[str, Any] = {"give_up": _never, "max_deliver": 5}
 
 
 async def test_two_replicas_share_the_work_within_their_limits(nats_url: str) -> None:
@@ -37,7 +45,7 @@ async def test_two_replicas_share_the_work_within_their_limits(nats_url: str) ->
         return handle
 
     conns = [await nats.connect(nats_url) for _ in range(2)]
-    replicas = [asyncio.create_task(serve_pull(c, "S", "c", handler(i), stop, limit=4, batch=3))
+    replicas = [asyncio.create_task(serve_pull(c, "S", "c", handler(i), stop, limit=4, batch=3, **NO_DLQ))
                 for i, c in enumerate(conns)]
     for i in range(200):
         await js.publish("s.x", str(i).encode())
@@ -69,7 +77,7 @@ async def test_stop_lets_running_handlers_finish(nats_url: str) -> None:
         await msg.ack()
         finished.append(msg.data)
 
-    task = asyncio.create_task(serve_pull(nc, "S", "c", slow, stop, limit=2))
+    task = asyncio.create_task(serve_pull(nc, "S", "c", slow, stop, limit=2, **NO_DLQ))
     await js.publish("s.x", b"one")
     await asyncio.wait_for(started.wait(), 5)
     stop.set()
@@ -92,7 +100,7 @@ async def test_a_handler_that_raises_does_not_stop_the_loop(nats_url: str) -> No
         await msg.ack()
         handled.append(msg.data)
 
-    task = asyncio.create_task(serve_pull(nc, "S", "c", fragile, stop, limit=4))
+    task = asyncio.create_task(serve_pull(nc, "S", "c", fragile, stop, limit=4, **NO_DLQ))
     await js.publish("s.x", b"boom")
     await js.publish("s.x", b"after")
     async with asyncio.timeout(5):
@@ -100,4 +108,67 @@ async def test_a_handler_that_raises_does_not_stop_the_loop(nats_url: str) -> No
             await asyncio.sleep(0.02)
     stop.set()
     await asyncio.wait_for(task, 10)
+    await nc.close()
+
+
+async def _stream(nats_url: str, ack_wait: float = 30) -> tuple[nats.NATS, Any]:
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await js.add_stream(api.StreamConfig(name="S", subjects=["s.>"], retention=api.RetentionPolicy.WORK_QUEUE))
+    await js.add_consumer("S", api.ConsumerConfig(durable_name="c", ack_policy=api.AckPolicy.EXPLICIT,
+                                                  ack_wait=ack_wait))
+    return nc, js
+
+
+async def test_a_message_whose_handler_always_fails_is_given_up_on_its_last_delivery(nats_url: str) -> None:
+    nc, js = await _stream(nats_url)
+    deliveries: list[int] = []
+    given_up: list[tuple[bytes, str]] = []
+    stop = asyncio.Event()
+
+    async def broken(msg: Msg) -> None:
+        deliveries.append(msg.metadata.num_delivered)
+        raise RecursionError("deep")
+
+    async def give_up(msg: Msg, reason: str) -> None:
+        given_up.append((msg.data, reason))
+
+    task = asyncio.create_task(serve_pull(nc, "S", "c", broken, stop, limit=4, give_up=give_up, max_deliver=3))
+    await js.publish("s.x", b"poison")
+    async with asyncio.timeout(15):
+        while not given_up:
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    assert deliveries == [1, 2, 3]
+    assert given_up == [(b"poison", "the handler failed (RecursionError) on delivery 3 of 3")]
+    assert (await js.stream_info("S")).state.messages == 0  # terminated, not left in the work queue
+    await nc.close()
+
+
+async def test_a_message_that_never_finishes_is_given_up_before_it_is_handled_again(nats_url: str) -> None:
+    # A handler that returns without acking stands for a process killed while handling: the
+    # consumer delivers again after ack_wait, and past max_deliver the loop gives up unhandled.
+    nc, js = await _stream(nats_url, ack_wait=1)
+    deliveries: list[int] = []
+    given_up: list[str] = []
+    stop = asyncio.Event()
+
+    async def vanishing(msg: Msg) -> None:
+        deliveries.append(msg.metadata.num_delivered)
+
+    async def give_up(msg: Msg, reason: str) -> None:
+        given_up.append(reason)
+
+    task = asyncio.create_task(serve_pull(nc, "S", "c", vanishing, stop, limit=4, give_up=give_up, max_deliver=2))
+    await js.publish("s.x", b"killer")
+    async with asyncio.timeout(20):
+        while not given_up:
+            await asyncio.sleep(0.05)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    assert deliveries == [1, 2]
+    assert given_up == ["delivered 3 times without being handled (the handler never finished)"]
+    assert (await js.stream_info("S")).state.messages == 0
     await nc.close()

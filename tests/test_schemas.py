@@ -443,11 +443,23 @@ def test_peek_keeps_what_it_can_when_other_fields_have_wrong_types() -> None:
     assert peek_request(b'{"id": 12, "reply_to": "_INBOX.abc"}') == (None, "_INBOX.abc")
 
 
-@pytest.mark.parametrize(
-    "data", [b"", b"not json", b'{"id": "r1", "reply_to"', b"[1, 2]", b'"r1"', b"\xff\xfe"]
-)
+@pytest.mark.parametrize("data", [b"", b"not json", b"[1, 2]", b'"r1"', b"\xff\xfe"])
 def test_peek_returns_nothing_from_garbage(data: bytes) -> None:
     assert peek_request(data) == (None, None)
+
+
+def test_peek_reads_past_what_no_decoder_accepts() -> None:
+    deep = b"[" * 5000 + b"]" * 5000
+    body = b'{"id": "r1", "tools": ' + deep + b', "m": {"id": "inner"}, "reply_to": "_INBOX.a"}'
+    assert peek_request(body) == ("r1", "_INBOX.a")
+    assert peek_request(b'{"id": "r2", "x": "\\udcff", "reply_to": "_INBOX.b"}') == ("r2", "_INBOX.b")
+    # Cut short: an id is all it finds, and without a reply subject nobody is answered.
+    assert peek_request(b'{"id": "r1", "reply_to"') == ("r1", None)
+
+
+@pytest.mark.parametrize("reply_to", ["_INBOX." + "x" * 5000, "_INBOX.a b", "_INBOX.a..b", "_INBOX.*", "other.x"])
+def test_peek_gives_no_reply_subject_the_door_would_refuse(reply_to: str) -> None:
+    assert peek_request(json.dumps({"id": "r1", "reply_to": reply_to}).encode()) == ("r1", None)
 
 
 # --- routing config ----------------------------------------------------------------

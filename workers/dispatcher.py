@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import structlog
 from nats.aio.msg import Msg
@@ -11,7 +12,6 @@ from nats.js import JetStreamContext
 from router.config import Config, parse_target
 from router.errors import ErrorCode, SwitchyardError
 from schemas import (
-    REPLY_PREFIXES,
     CompletionEvent,
     InvalidMessage,
     Request,
@@ -21,12 +21,15 @@ from schemas import (
     encode,
     peek_request,
 )
+from schemas.limits import id_problem
 
-from .publish import Publisher, now_ms, prompt_fingerprint
+from .publish import Publisher, PublishRefused, now_ms, prompt_fingerprint
 from .pull import serve_pull
 from .runtime import MAX_DELIVER
 
 log = structlog.get_logger("dispatcher")
+
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 class Refusal(SwitchyardError):
@@ -76,63 +79,98 @@ class Dispatcher:
 
     async def serve(self, stop: asyncio.Event) -> None:
         log.info("dispatcher_started")
-        await serve_pull(self.pub.nc, "LLM_REQ", "dispatch", self.handle, stop, limit=self.concurrency)
+        await serve_pull(self.pub.nc, "LLM_REQ", "dispatch", self.handle, stop, limit=self.concurrency,
+                         give_up=self.give_up, max_deliver=MAX_DELIVER)
 
     async def handle(self, msg: Msg) -> None:
-        """One request: the error boundary. Never raises except on cancellation."""
-        tokens = msg.subject.split(".")
-        use_case, account = (tokens[2], tokens[3]) if len(tokens) == 4 else (None, None)
+        """One request: the error boundary for what a request can cause. What escapes it (NATS failing
+        under it) reaches the pull loop, which delivers the request again and finally gives up on it."""
+        use_case, account = self._subject_tokens(msg.subject)
         req: Request | None = None
         try:
-            if use_case is None:
-                raise InvalidMessage(f"subject {msg.subject!r} is not {self.prefix}.req.<use_case>.<account>")
-            req = decode_request(msg.data, use_case=use_case, account=account)
+            if use_case is None or account is None:
+                raise InvalidMessage(
+                    f"subject {msg.subject[:200]!r} is not {self.prefix}.req.<use_case>.<account>"
+                    " (names of 1-128 characters from A-Z a-z 0-9 _ -)"
+                )
+            req = decode_request(msg.data, use_case=use_case, account=account, max_payload=self.pub.nc.max_payload)
             route = choose_route(self.cfg, req)
-            work = WorkItem(request=req, route=route, accepted_ms=now_ms())
-            await self.js.publish(
-                f"{self.prefix}.work.{route[0].pool}", encode(work), headers={"Nats-Msg-Id": req.id}
-            )
+            work = encode(WorkItem(request=req, route=route, accepted_ms=now_ms()))
+            headers = {"Nats-Msg-Id": f"{req.account}:{req.id}"}
+            try:
+                self.pub.check(f"{self.prefix}.work.{route[0].pool}", work, headers)
+            except PublishRefused as exc:
+                raise InvalidMessage(f"invalid request: too large to hand to a pool: {exc}", field="$") from None
+            await self.pub.publish(f"{self.prefix}.work.{route[0].pool}", work, headers)
             await msg.ack()
             log.debug("dispatched", request_id=req.id, account=req.account, pool=route[0].pool)
         except InvalidMessage as exc:
             await self._refuse(msg, SwitchyardError(ErrorCode.INVALID_REQUEST, str(exc)), req, use_case, account)
+            await msg.term()
         except Refusal as exc:
             await self._refuse(msg, exc, req, use_case, account)
-        except Exception as exc:
-            log.exception("dispatch_failed", subject=msg.subject)
-            if msg.metadata.num_delivered < MAX_DELIVER:
-                await msg.nak(delay=1)
-                return
-            err = SwitchyardError(ErrorCode.INTERNAL, f"the dispatcher failed on this request ({type(exc).__name__})")
-            await self._refuse(msg, err, req, use_case, account)
+            await msg.term()
+
+    async def give_up(self, msg: Msg, reason: str) -> None:
+        """The pull loop's last resort: answer INTERNAL when a reply subject can be read, copy to the DLQ."""
+        use_case, account = self._subject_tokens(msg.subject)
+        err = SwitchyardError(ErrorCode.INTERNAL, f"the dispatcher gave up on this request: {reason}")
+        await self._refuse(msg, err, None, use_case, account)
+
+    def _subject_tokens(self, subject: str) -> tuple[str | None, str | None]:
+        tokens = subject.split(".")
+        if len(tokens) != 4 or not all(_NAME.fullmatch(t) for t in tokens[2:]):
+            return None, None
+        return tokens[2], tokens[3]
 
     async def _refuse(
         self, msg: Msg, err: SwitchyardError, req: Request | None, use_case: str | None, account: str | None
     ) -> None:
-        """Answer when a reply subject can be read, copy to the DLQ, record the event, drop the message."""
+        """Answer when a reply subject can be read, copy to the DLQ, record the event.
+
+        Each step is tried on its own; raises only when neither the answer nor the copy went out, so
+        that the caller leaves the message in the stream rather than lose it.
+        """
         rid, reply_to = (req.id, req.reply_to) if req is not None else peek_request(msg.data)
-        log.warning("refused", request_id=rid, code=err.code.value, error=err.message, subject=msg.subject)
-        if rid and reply_to and reply_to.startswith(REPLY_PREFIXES) and not any(c in reply_to for c in " *>"):
-            await self.pub.reply(reply_to, err.to_reply(rid, 0))
-        await self.pub.dead_letter(
-            "dispatch", msg.data, subject=msg.subject, code=err.code.value, error=err.message, request_id=rid
+        account = req.account if req is not None else account
+        log.warning("refused", request_id=rid, code=err.code.value, error=err.message[:500], subject=msg.subject[:200])
+        answered = copied = False
+        if rid is not None and reply_to is not None:
+            try:
+                await self.pub.reply(reply_to, err.to_reply(rid, 0), account=account or "")
+                answered = True
+            except Exception as exc:
+                log.warning("refusal_reply_failed", request_id=rid, error=repr(exc))
+        try:
+            await self.pub.dead_letter("dispatch", msg.data, subject=msg.subject, code=err.code.value,
+                                       error=err.message, request_id=rid, account=account)
+            copied = True
+        except Exception as exc:
+            log.warning("dead_letter_failed", request_id=rid, error=repr(exc))
+        if not (answered or copied):
+            raise RuntimeError("neither the refusal nor its dead-letter copy could be published")
+        if rid is not None and account is not None and id_problem(rid) is None:
+            try:
+                await self.pub.event(self._refusal_event(err, rid, req, use_case, account))
+            except Exception as exc:
+                log.warning("refusal_event_failed", request_id=rid, error=repr(exc))
+
+    @staticmethod
+    def _refusal_event(
+        err: SwitchyardError, rid: str, req: Request | None, use_case: str | None, account: str
+    ) -> CompletionEvent:
+        chars, digest = prompt_fingerprint(req) if req is not None else (0, "")
+        t = now_ms()
+        return CompletionEvent(
+            id=rid,
+            account=account,
+            use_case=(req.use_case if req else None) or use_case or "",
+            tier=req.tier if req else "default",
+            status="error",
+            code=err.code.value,
+            started_ms=t,
+            finished_ms=t,
+            prompt_chars=chars,
+            prompt_sha256=digest,
+            metadata=req.metadata if req else {},
         )
-        if rid:
-            chars, digest = prompt_fingerprint(req) if req is not None else (0, "")
-            t = now_ms()
-            await self.pub.event(
-                CompletionEvent(
-                    id=rid,
-                    account=req.account if req else account or "",
-                    use_case=(req.use_case if req else None) or use_case or "",
-                    tier=req.tier if req else "default",
-                    status="error",
-                    code=err.code.value,
-                    started_ms=t,
-                    finished_ms=t,
-                    prompt_chars=chars,
-                    prompt_sha256=digest,
-                    metadata=req.metadata if req else {},
-                )
-            )
-        await msg.term()

@@ -2,16 +2,17 @@
 
 A worker marks a stream as started before its first chunk goes out (an awaited write),
 records the next seq as it streams (at most every PROGRESS_EVERY_S, without waiting
-for an acknowledgement) and marks it done after its `done`. When JetStream hands the
-work item to another worker because the first was lost, that worker ends a started
-stream with an `error` instead of streaming a second, different answer.
+for an acknowledgement) and marks it done after its terminal reply. When JetStream hands
+the work item to another worker because the first was lost, that worker ends a started
+stream with an `error` instead of streaming a second, different answer, and does not call
+the provider again for a request that was already answered (streamed or not).
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from typing import Literal
+from typing import NamedTuple
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -24,6 +25,7 @@ TTL_S = 2 * 3600.0
 """Longer than the longest request (timeout_ms is at most one hour)."""
 PROGRESS_EVERY_S = 0.25
 DONE = b"done"
+EVENT = b"event:"
 
 
 async def ensure_bucket(js: JetStreamContext) -> KeyValue:
@@ -35,9 +37,16 @@ async def ensure_bucket(js: JetStreamContext) -> KeyValue:
         )
 
 
-def _key(request_id: str) -> str:
-    # Request ids may hold characters a KV key may not.
-    return hashlib.sha256(request_id.encode()).hexdigest()[:40]
+def _key(account: str, request_id: str) -> str:
+    # Request ids may hold characters a KV key may not; two accounts may use the same id.
+    return hashlib.sha256(f"{account}:{request_id}".encode()).hexdigest()[:40]
+
+
+class Finished(NamedTuple):
+    """The terminal reply went out. `event` is the completion event when it was kept here because
+    publishing it failed, so a redelivery can publish it without calling the provider again."""
+
+    event: bytes | None = None
 
 
 class Progress:
@@ -46,32 +55,42 @@ class Progress:
         self.kv = kv
         self._last: dict[str, float] = {}
 
-    async def started(self, request_id: str) -> None:
+    async def started(self, account: str, request_id: str) -> None:
         """Before chunk 0 is published: durable, so a lost worker's stream is always known."""
-        await self.kv.put(_key(request_id), b"0")
-        self._last[request_id] = time.monotonic()
+        key = _key(account, request_id)
+        await self.kv.put(key, b"0")
+        self._last[key] = time.monotonic()
 
-    async def sent(self, request_id: str, next_seq: int) -> None:
+    async def sent(self, account: str, request_id: str, next_seq: int) -> None:
         """After a chunk went out; cheap (no round trip) and throttled, so a lower bound."""
+        key = _key(account, request_id)
         now = time.monotonic()
-        if now - self._last.get(request_id, 0.0) >= PROGRESS_EVERY_S:
-            self._last[request_id] = now
-            await self.nc.publish(f"$KV.{BUCKET}.{_key(request_id)}", str(next_seq).encode())
+        if now - self._last.get(key, 0.0) >= PROGRESS_EVERY_S:
+            self._last[key] = now
+            await self.nc.publish(f"$KV.{BUCKET}.{key}", str(next_seq).encode())
 
-    async def finished(self, request_id: str) -> None:
-        """After the terminal reply was published, before the work item is acked."""
-        self._last.pop(request_id, None)
-        await self.nc.publish(f"$KV.{BUCKET}.{_key(request_id)}", DONE)
+    async def finished(self, account: str, request_id: str) -> None:
+        """After the terminal reply was published (streamed or not), before the work item is acked."""
+        key = _key(account, request_id)
+        self._last.pop(key, None)
+        await self.nc.publish(f"$KV.{BUCKET}.{key}", DONE)
 
-    async def lookup(self, request_id: str) -> int | Literal["done"] | None:
-        """None: nothing was streamed; "done": the terminal reply went out; n: at least n chunks went out."""
+    async def keep_event(self, account: str, request_id: str, event: bytes) -> None:
+        """The terminal reply went out but its completion event could not be published: keep the
+        event (awaited) for the redelivery that publishes it."""
+        await self.kv.put(_key(account, request_id), EVENT + event)
+
+    async def lookup(self, account: str, request_id: str) -> int | Finished | None:
+        """None: nothing went out; Finished: the terminal reply went out; n: at least n chunks went out."""
         try:
-            entry = await self.kv.get(_key(request_id))
+            entry = await self.kv.get(_key(account, request_id))
         except KeyNotFoundError:
             return None
         value = entry.value or b""
         if value == DONE:
-            return "done"
+            return Finished()
+        if value.startswith(EVENT):
+            return Finished(value[len(EVENT):])
         try:
             return int(value)
         except ValueError:

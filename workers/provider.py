@@ -29,7 +29,7 @@ from schemas import (
     encode,
 )
 
-from .progress import Progress
+from .progress import Finished, Progress
 from .publish import Publisher, now_ms, prompt_fingerprint
 from .pull import serve_pull
 from .runtime import MAX_DELIVER
@@ -50,6 +50,7 @@ class _Outcome:
     raw_usage: dict[str, object] | None = None
     first_token_ms: int | None = None
     cost_usd: float | None = None
+    terminal_sent: bool = False
 
 
 class _Heartbeat:
@@ -130,16 +131,19 @@ class PoolWorker:
         consumer = f"pool-{self.pool_name}"
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.heartbeat.run(stop))
-            await serve_pull(self.pub.nc, "LLM_WORK", consumer, self.handle, stop, limit=self.pool.concurrency)
+            await serve_pull(self.pub.nc, "LLM_WORK", consumer, self.handle, stop, limit=self.pool.concurrency,
+                             give_up=self.give_up, max_deliver=MAX_DELIVER)
 
     async def handle(self, msg: Msg) -> None:
-        """One work item: the error boundary. Never raises except on cancellation."""
+        """One work item: the error boundary for what a request can cause. What escapes it (NATS failing
+        under it) reaches the pull loop, which delivers the item again and finally gives up on it."""
         try:
             work = decode_work(msg.data)
-        except ValueError as exc:
-            self.log.error("bad_work_item", error=str(exc))
+        except Exception as exc:  # ValueError, RecursionError, ...: no request can be read, nobody to answer
+            self.log.error("bad_work_item", error=str(exc)[:500])
             await self.pub.dead_letter(
-                "work", msg.data, subject=msg.subject, code=ErrorCode.INVALID_REQUEST.value, error=str(exc)
+                "work", msg.data, subject=msg.subject, code=ErrorCode.INVALID_REQUEST.value,
+                error=f"undecodable work item: {exc}",
             )
             await msg.term()
             return
@@ -150,52 +154,72 @@ class PoolWorker:
             with self.heartbeat.held(msg):
                 await self._serve(msg, work, out, bound)
         except Exception as exc:
+            if out.terminal_sent or out.seq == 0:
+                raise  # nothing half-done to end here: a redelivery serves it, or finds its terminal reply
+            # A stream that started cannot be resumed by a redelivery: end it now, with one error.
             bound.exception("worker_failed")
-            if msg.metadata.num_delivered < MAX_DELIVER and out.seq == 0:
-                await msg.nak(delay=1)
-                return
             err = SwitchyardError(ErrorCode.INTERNAL, f"the worker failed on this request ({type(exc).__name__})")
-            await self.pub.reply(req.reply_to, err.to_reply(req.id, out.seq))
-            if out.seq:
-                await self.progress.finished(req.id)
-            await self.pub.dead_letter(
-                "work", msg.data, subject=msg.subject, code=err.code.value, error=repr(exc), request_id=req.id
-            )
-            await self._event(work, out, error=err.code.value)
+            await self._end(work, out, err)
+            await self.pub.dead_letter("work", msg.data, subject=msg.subject, code=err.code.value, error=repr(exc),
+                                       request_id=req.id, account=req.account)
             await msg.term()
 
+    async def give_up(self, msg: Msg, reason: str) -> None:
+        """The pull loop's last resort for a work item: answer its producer unless its terminal reply
+        already went out, and copy it to the dead-letter queue."""
+        err = SwitchyardError(ErrorCode.INTERNAL, f"the worker gave up on this request: {reason}")
+        rid = account = None
+        try:
+            work = decode_work(msg.data)
+        except Exception:
+            work = None
+        if work is not None:
+            rid, account = work.request.id, work.request.account
+            state = await self.progress.lookup(account, rid)
+            if isinstance(state, Finished):
+                if state.event is not None:
+                    await self.pub.publish(*self._event_message(state.event, account, rid))
+            else:
+                await self._end(work, _Outcome(seq=state or 0), err)
+        await self.pub.dead_letter("work", msg.data, subject=msg.subject, code=err.code.value, error=reason,
+                                   request_id=rid, account=account)
+
     async def _resumed(self, msg: Msg, work: WorkItem, bound: structlog.BoundLogger) -> bool:
-        """A redelivered stream: finish it if a lost worker had started it. True when handled here."""
+        """A redelivered item: finish what a lost or failed worker had started. True when handled here."""
         req = work.request
-        state = await self.progress.lookup(req.id)
+        state = await self.progress.lookup(req.account, req.id)
         if state is None:
             return False  # nothing went out: serve it afresh
-        if state != "done":
+        if isinstance(state, Finished):
+            if state.event is not None:  # answered, but its completion event is still to be recorded
+                await self.pub.publish(*self._event_message(state.event, req.account, req.id))
+            bound.info("already_answered")
+        else:
             err = SwitchyardError(
                 ErrorCode.PROVIDER_ERROR,
                 "the worker streaming this answer was lost after sending part of it; the answer is incomplete,"
                 " send the request again",
             )
             work.attempts.append(Attempt(pool=self.pool_name, model=work.route[0].model, error=err.code.value))
-            await self.pub.reply(req.reply_to, err.to_reply(req.id, state))
-            await self.progress.finished(req.id)
-            await self._event(work, _Outcome(seq=state), error=err.code.value)
+            await self._end(work, _Outcome(seq=state), err)
             bound.warning("stream_lost", next_seq=state)
         await msg.ack()
         return True
 
     async def _serve(self, msg: Msg, work: WorkItem, out: _Outcome, bound: structlog.BoundLogger) -> None:
         req = work.request
-        if req.stream and msg.metadata.num_delivered > 1 and await self._resumed(msg, work, bound):
+        if msg.metadata.num_delivered > 1 and await self._resumed(msg, work, bound):
             return
         target = work.route[0]
         started = now_ms()
         deadline_ms = work.accepted_ms + req.timeout_ms
         failure: SwitchyardError | None = None
         try:
-            async with asyncio.timeout(max(0.0, (deadline_ms - started) / 1000)):
+            async with asyncio.timeout(max(0.0, (deadline_ms - started) / 1000)) as budget:
                 failure = await self._call_with_retries(req, target.model, out)
         except TimeoutError:
+            if not budget.expired():
+                raise  # a NATS or HTTP timeout inside, not the request's own deadline
             failure = SwitchyardError(ErrorCode.TIMEOUT, f"the request's timeout of {req.timeout_ms} ms passed")
         attempt = Attempt(
             pool=self.pool_name,
@@ -206,30 +230,45 @@ class PoolWorker:
         work.attempts.append(attempt)
         if failure is None:
             out.cost_usd = self._cost(target.model, out.usage)
-            await self._done(req, work, out)
-            if out.seq:
-                await self.progress.finished(req.id)
-            await self._event(work, out, error=None)
+            await self._end(work, out, None)
             await msg.ack()
             bound.info("completed", latency_ms=now_ms() - work.accepted_ms, chunks=out.seq,
                        input_tokens=out.usage.input_tokens, output_tokens=out.usage.output_tokens)
             return
         if self._can_fall_back(work, out, failure):
             nxt = WorkItem(request=req, route=work.route[1:], attempts=work.attempts, accepted_ms=work.accepted_ms)
-            await self.js.publish(
+            await self.pub.publish(
                 f"{self.pub.prefix}.work.{nxt.route[0].pool}",
                 encode(nxt),
-                headers={"Nats-Msg-Id": f"{req.id}:{len(nxt.attempts)}"},
+                {"Nats-Msg-Id": f"{req.account}:{req.id}:{len(nxt.attempts)}"},
             )
             await msg.ack()
             bound.warning("fell_back", code=failure.code.value, error=failure.message, to=str(nxt.route[0]))
             return
-        await self.pub.reply(req.reply_to, failure.to_reply(req.id, out.seq))
-        if out.seq:
-            await self.progress.finished(req.id)
-        await self._event(work, out, error=failure.code.value)
+        await self._end(work, out, failure)
         await msg.ack()
         bound.warning("failed", code=failure.code.value, error=failure.message, chunks=out.seq)
+
+    async def _end(self, work: WorkItem, out: _Outcome, failure: SwitchyardError | None) -> None:
+        """The terminal reply, the done marker, then the completion event. Once the reply is out nothing
+        may call the provider again: an event that cannot be published is kept in the progress bucket
+        for the redelivery to publish, and the error goes up so the item is delivered again."""
+        req = work.request
+        if failure is None:
+            await self.pub.reply(req.reply_to, self._done(req, work, out), account=req.account)
+        else:
+            await self.pub.reply(req.reply_to, failure.to_reply(req.id, out.seq), account=req.account)
+        out.terminal_sent = True
+        await self.progress.finished(req.account, req.id)
+        event = encode(self._event(work, out, error=failure.code.value if failure else None))
+        try:
+            await self.pub.publish(*self._event_message(event, req.account, req.id))
+        except Exception:
+            await self.progress.keep_event(req.account, req.id, event)
+            raise
+
+    def _event_message(self, event: bytes, account: str, request_id: str) -> tuple[str, bytes, dict[str, str]]:
+        return f"{self.pub.prefix}.events.completed", event, {"Nats-Msg-Id": f"done:{account}:{request_id}"}
 
     @staticmethod
     def _can_fall_back(work: WorkItem, out: _Outcome, failure: SwitchyardError) -> bool:
@@ -250,9 +289,19 @@ class PoolWorker:
                 f" of pool {self.pool_name!r}'s workers",
                 retry=False,
             )
-        call = self.adapter.build(
-            req, model=model, base_url=self.provider.base_url, api_key=self.api_key, headers=self.provider.headers
-        )
+        try:
+            call = self.adapter.build(
+                req, model=model, base_url=self.provider.base_url, api_key=self.api_key, headers=self.provider.headers
+            )
+        except ProviderFailure as failure:  # the adapter says this request cannot go to this API
+            return failure
+        except Exception as exc:
+            self.log.exception("build_failed", request_id=req.id, format=self.provider.format)
+            return ProviderFailure(
+                ErrorCode.INTERNAL,
+                f"the request could not be translated for the {self.provider.format} API ({type(exc).__name__})",
+                retry=False,
+            )
         timeout = httpx.Timeout(connect=5.0, read=self.pool.timeout_ms / 1000, write=10.0, pool=5.0)
         for attempt in range(policy.attempts):
             try:
@@ -286,19 +335,19 @@ class PoolWorker:
         out.text.append(text)
         if req.stream and text:
             if out.seq == 0:
-                await self.progress.started(req.id)
-            await self.pub.reply(req.reply_to, Chunk(id=req.id, seq=out.seq, text=text))
+                await self.progress.started(req.account, req.id)
+            await self.pub.reply(req.reply_to, Chunk(id=req.id, seq=out.seq, text=text), account=req.account)
             out.seq += 1
-            await self.progress.sent(req.id, out.seq)
+            await self.progress.sent(req.account, req.id, out.seq)
 
     def _cost(self, model: str, usage: Usage) -> float | None:
         if self.provider.free:
             return 0.0
         return pricing.cost_usd(usage, model, provider_id=self.provider.genai_prices_id or self.provider_name)
 
-    async def _done(self, req: Request, work: WorkItem, out: _Outcome) -> None:
+    def _done(self, req: Request, work: WorkItem, out: _Outcome) -> Done:
         model = work.route[0].model
-        done = Done(
+        return Done(
             id=req.id,
             seq=out.seq,
             text="".join(out.text),
@@ -312,34 +361,31 @@ class PoolWorker:
             latency_ms=now_ms() - work.accepted_ms,
             ttft_ms=(out.first_token_ms - work.accepted_ms) if out.first_token_ms else None,
         )
-        await self.pub.reply(req.reply_to, done)
 
-    async def _event(self, work: WorkItem, out: _Outcome, *, error: str | None) -> None:
+    def _event(self, work: WorkItem, out: _Outcome, *, error: str | None) -> CompletionEvent:
         req = work.request
         chars, digest = prompt_fingerprint(req)
         model = work.route[0].model
         finished = now_ms()
-        await self.pub.event(
-            CompletionEvent(
-                id=req.id,
-                account=req.account,
-                use_case=req.use_case or "",
-                tier=req.tier,
-                status="error" if error else "ok",
-                code=error,
-                provider=self.provider_name,
-                model=model,
-                attempts=work.attempts,
-                usage=out.usage,
-                raw_usage=out.raw_usage,
-                cost_usd=None if error else out.cost_usd,
-                latency_ms=finished - work.accepted_ms,
-                ttft_ms=(out.first_token_ms - work.accepted_ms) if out.first_token_ms else None,
-                started_ms=work.accepted_ms,
-                finished_ms=finished,
-                prompt_chars=chars,
-                prompt_sha256=digest,
-                finish_reason=out.finish_reason,
-                metadata=req.metadata,
-            )
+        return CompletionEvent(
+            id=req.id,
+            account=req.account,
+            use_case=req.use_case or "",
+            tier=req.tier,
+            status="error" if error else "ok",
+            code=error,
+            provider=self.provider_name,
+            model=model,
+            attempts=work.attempts,
+            usage=out.usage,
+            raw_usage=out.raw_usage,
+            cost_usd=None if error else out.cost_usd,
+            latency_ms=finished - work.accepted_ms,
+            ttft_ms=(out.first_token_ms - work.accepted_ms) if out.first_token_ms else None,
+            started_ms=work.accepted_ms,
+            finished_ms=finished,
+            prompt_chars=chars,
+            prompt_sha256=digest,
+            finish_reason=out.finish_reason,
+            metadata=req.metadata,
         )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import time
+from collections.abc import Mapping
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -17,6 +19,24 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+MAX_SUBJECT = 512
+"""Longest subject the fleet publishes on; the server's whole control line is 4 KiB."""
+_BAD_SUBJECT = re.compile(r"[\s\x00-\x1f\x7f*>]|^\.|\.$|\.\.")
+_HEADER_OVERHEAD = 16  # "NATS/1.0\r\n", the blank line, and slack
+_DLQ_ERROR_CHARS = 1000
+
+
+class PublishRefused(Exception):
+    """A message the server would refuse, or that would cost the connection (an over-long subject, a
+    body over `max_payload`): refused here, before anything is sent."""
+
+
+def _header_bytes(headers: Mapping[str, str] | None) -> int:
+    if not headers:
+        return 0
+    return _HEADER_OVERHEAD + sum(len(k) + len(v.encode()) + 4 for k, v in headers.items())
+
+
 class Publisher:
     """Holds the connection and subject prefix; every outbound message goes through here."""
 
@@ -26,30 +46,65 @@ class Publisher:
         self.prefix = prefix
         self._res = f"{prefix}.res."
 
-    async def reply(self, subject: str, reply: Reply) -> None:
-        """Core NATS for inboxes; JetStream (deduplicated per seq) for durable `llm.res.` subjects."""
+    def check(self, subject: str, data: bytes, headers: Mapping[str, str] | None = None) -> None:
+        """Raise PublishRefused for a message the server would refuse or close the connection over."""
+        if not subject or len(subject) > MAX_SUBJECT or _BAD_SUBJECT.search(subject):
+            raise PublishRefused(f"cannot publish on subject {subject[:80]!r}: not a plain subject of at most"
+                                 f" {MAX_SUBJECT} characters")
+        size = len(data) + _header_bytes(headers)
+        if size > self.nc.max_payload:
+            raise PublishRefused(f"a message of {size} bytes is over the server's max_payload of"
+                                 f" {self.nc.max_payload} bytes")
+
+    async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> None:
+        """A JetStream publish, checked first. Raises PublishRefused, or what nats-py raises."""
+        self.check(subject, data, headers)
+        await self.js.publish(subject, data, headers=headers)
+
+    async def reply(self, subject: str, reply: Reply, *, account: str = "") -> None:
+        """Core NATS for inboxes; JetStream (deduplicated per request and seq) for durable `llm.res.` subjects."""
         data = encode(reply)
         if subject.startswith(self._res):
-            await self.js.publish(subject, data, headers={"Nats-Msg-Id": f"{reply.id}:{reply.seq}"})
+            await self.publish(subject, data, {"Nats-Msg-Id": f"{account}:{reply.id}:{reply.seq}"})
         else:
+            self.check(subject, data)
             await self.nc.publish(subject, data)
 
     async def event(self, event: CompletionEvent) -> None:
-        await self.js.publish(
-            f"{self.prefix}.events.completed", encode(event), headers={"Nats-Msg-Id": f"done:{event.id}"}
+        await self.publish(
+            f"{self.prefix}.events.completed", encode(event), {"Nats-Msg-Id": f"done:{event.account}:{event.id}"}
         )
 
     async def dead_letter(
-        self, stage: str, data: bytes, *, subject: str, code: str, error: str, request_id: str | None = None
+        self,
+        stage: str,
+        data: bytes,
+        *,
+        subject: str,
+        code: str,
+        error: str,
+        request_id: str | None = None,
+        account: str | None = None,
     ) -> None:
+        """Copy a message given up on to `<prefix>.dlq.<stage>`. A body too large to fit beside the
+        headers is cut, and `Switchyard-Truncated` gives its original size."""
         headers = {
             "Switchyard-Error-Code": code,
-            "Switchyard-Error": scrub(error)[:1000].replace("\r", " ").replace("\n", " "),
-            "Switchyard-Subject": subject,
+            "Switchyard-Error": _one_line(scrub(error))[:_DLQ_ERROR_CHARS],
+            "Switchyard-Subject": _one_line(subject)[:MAX_SUBJECT],
         }
         if request_id:
-            headers["Nats-Msg-Id"] = f"dlq:{stage}:{request_id}"
-        await self.js.publish(f"{self.prefix}.dlq.{stage}", data, headers=headers)
+            headers["Nats-Msg-Id"] = f"dlq:{stage}:{account or ''}:{_one_line(request_id)[:MAX_SUBJECT]}"
+        room = self.nc.max_payload - _header_bytes(headers) - 64  # 64: the Truncated header itself
+        if len(data) > room:
+            headers["Switchyard-Truncated"] = str(len(data))
+            data = data[: max(0, room)]
+        await self.publish(f"{self.prefix}.dlq.{stage}", data, headers)
+
+
+def _one_line(text: str) -> str:
+    """For a header value: one line, and encodable (a lone surrogate becomes `?`)."""
+    return text.replace("\r", " ").replace("\n", " ").encode("utf-8", "replace").decode()
 
 
 def prompt_fingerprint(req: Request) -> tuple[int, str]:

@@ -25,6 +25,10 @@ EXPIRES_S = 5.0
 """Life of one pull request; an idle consumer asks again this often."""
 _GRACE_S = 1.0
 """How long after its expiry a request whose end-of-request status was lost still counts."""
+_RETRY_S = 0.5
+"""Pause before asking again after a pull request could not be sent."""
+_NAK_DELAY_S = 1.0
+"""Pause before a message whose handler failed is delivered again."""
 
 
 class _Request:
@@ -39,6 +43,10 @@ class _Request:
         return self.left > 0 and time.monotonic() < self.deadline
 
 
+GiveUp = Callable[[Msg, str], Awaitable[None]]
+"""Copies a message the loop gives up on to the dead-letter queue, with the reason."""
+
+
 async def serve_pull(
     nc: NATS,
     stream: str,
@@ -47,11 +55,19 @@ async def serve_pull(
     stop: asyncio.Event,
     *,
     limit: int,
+    give_up: GiveUp,
+    max_deliver: int,
     batch: int = 64,
     api_prefix: str = "$JS.API",
 ) -> None:
     """Run `handle` on each message of a durable pull consumer, at most `limit` at once, until
-    `stop` is set; then let the running handlers finish. `handle` is the caller's error boundary.
+    `stop` is set; then let the running handlers finish.
+
+    `handle` is the caller's error boundary; this loop is the last one. A handler that raises has
+    its message redelivered after a pause; on its `max_deliver`-th delivery, or on any later one
+    (the consumer itself sets no limit, so a message whose handling kills the process comes back
+    too), the message is given up on: `give_up` copies it to the dead-letter queue and it is
+    terminated. No message stays in the stream unhandled, and nothing a message does ends the loop.
     """
     next_subject = f"{api_prefix}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
     inbox = nc.new_inbox()
@@ -59,16 +75,34 @@ async def serve_pull(
     wake = asyncio.Event()
     busy = 0
 
+    async def last_resort(msg: Msg, reason: str, *, final: bool) -> None:
+        try:
+            if final:
+                await give_up(msg, reason)
+                await msg.term()
+            else:
+                await msg.nak(delay=_NAK_DELAY_S)
+        except Exception:
+            # NATS itself is failing: the message is not acked, so JetStream delivers it again.
+            log.exception("give_up_failed", subject=msg.subject, stream=stream, consumer=consumer)
+
     async with asyncio.TaskGroup() as tg:
 
         async def guarded(msg: Msg) -> None:
             nonlocal busy
             try:
-                await handle(msg)
-            except Exception:
-                # The handler's own boundary failed too (e.g. NATS gone while answering). The message
-                # is not acked, so JetStream redelivers it; the loop and its process live on.
-                log.exception("handler_failed", subject=msg.subject, stream=stream, consumer=consumer)
+                delivered = msg.metadata.num_delivered
+                if delivered > max_deliver:
+                    reason = f"delivered {delivered} times without being handled (the handler never finished)"
+                    log.error("poison_message", subject=msg.subject, stream=stream, deliveries=delivered)
+                    await last_resort(msg, reason, final=True)
+                    return
+                try:
+                    await handle(msg)
+                except Exception as exc:
+                    log.exception("handler_failed", subject=msg.subject, stream=stream, consumer=consumer)
+                    reason = f"the handler failed ({type(exc).__name__}) on delivery {delivered} of {max_deliver}"
+                    await last_resort(msg, reason, final=delivered >= max_deliver)
             finally:
                 busy -= 1
                 if not req.open:
@@ -99,11 +133,18 @@ async def serve_pull(
                     req.left = min(free, batch)
                     req.deadline = time.monotonic() + EXPIRES_S + _GRACE_S
                     body = {"batch": req.left, "expires": int(EXPIRES_S * 1e9)}
-                    await nc.publish(next_subject, json.dumps(body).encode(), reply=inbox)
+                    try:
+                        await nc.publish(next_subject, json.dumps(body).encode(), reply=inbox)
+                    except Exception as exc:
+                        # Reconnecting, or the buffer is full: ask again shortly rather than end the process.
+                        log.warning("pull_request_failed", error=repr(exc), stream=stream, consumer=consumer)
+                        req.left = 0
+                        req.deadline = time.monotonic() + _RETRY_S
                 wake.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(min(1.0, max(0.01, req.deadline - time.monotonic()))):
                         await wake.wait()
         finally:
             # Messages pulled but not yet handed over are not acked: JetStream redelivers them.
-            await sub.unsubscribe()
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
