@@ -159,6 +159,8 @@ class Fleet:
         self.db = db
         self.stop = asyncio.Event()
         self._conns: list[NATS] = []
+        self.task: asyncio.Task[None] | None = None
+        """The fleet's task group: done only when stopped, or when a serve loop ended on an error."""
 
     async def _conn(self) -> NATS:
         c = await nats.connect(self.nats_url)
@@ -202,6 +204,7 @@ async def running_fleet(
     fleet = Fleet(nats_url, cfg, db, pools, api_keys, **worker_opts)
     started = asyncio.Event()
     task = asyncio.create_task(fleet.run(started))
+    fleet.task = task
     await asyncio.wait([task, asyncio.create_task(started.wait())], return_when=asyncio.FIRST_COMPLETED)
     if task.done():
         task.result()

@@ -214,6 +214,11 @@ class Auditor:
                 msgs = await sub.fetch(self.batch, timeout=1)
             except TimeoutError:
                 continue
+            except Exception as exc:
+                # NATS reconnecting or the consumer briefly gone: ask again rather than end the process.
+                log.warning("audit_fetch_failed", error=repr(exc))
+                await asyncio.sleep(_FIRST_BACKOFF_S)
+                continue
             # The loop's one error boundary: whatever a batch raises, its unsettled events come back.
             try:
                 await self.write(msgs)
@@ -276,7 +281,8 @@ class Auditor:
         error = _printable(error)
         log.error("audit_event_rejected", code=code.value, error=error, subject=m.subject)
         try:
-            await self.pub.dead_letter("audit", m.data, subject=m.subject, code=code.value, error=error)
+            await self.pub.dead_letter("audit", m.data, subject=m.subject, code=code.value, error=error,
+                                       origin_seq=m.metadata.sequence.stream)
         except Exception:
             # Not acked, so not lost: it comes back and the copy is tried again.
             log.exception("audit_dead_letter_failed", subject=m.subject)

@@ -32,6 +32,10 @@ log = structlog.get_logger("dispatcher")
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
+class ReusedId(InvalidMessage):
+    """Another request of the same account used this id within the duplicate window."""
+
+
 class Refusal(SwitchyardError):
     """The dispatcher refuses a request; it is answered and dead-lettered."""
 
@@ -101,11 +105,22 @@ class Dispatcher:
                 self.pub.check(f"{self.prefix}.work.{route[0].pool}", work, headers)
             except PublishRefused as exc:
                 raise InvalidMessage(f"invalid request: too large to hand to a pool: {exc}", field="$") from None
-            await self.pub.publish(f"{self.prefix}.work.{route[0].pool}", work, headers)
+            ack = await self.pub.publish(f"{self.prefix}.work.{route[0].pool}", work, headers)
+            if ack.duplicate and msg.metadata.num_delivered == 1:
+                # Not this message's own earlier hand-over (that would be a redelivery): another request
+                # reused the id. Forwarding nothing and acking would drop this one without a word.
+                raise ReusedId(
+                    f"invalid request: `id` {req.id!r} was used by another request of account {req.account!r}"
+                    " in the last two minutes; every request needs its own id",
+                    field="$.id",
+                )
             await msg.ack()
             log.debug("dispatched", request_id=req.id, account=req.account, pool=route[0].pool)
         except InvalidMessage as exc:
-            await self._refuse(msg, SwitchyardError(ErrorCode.INVALID_REQUEST, str(exc)), req, use_case, account)
+            # A reused id's completion event would take the place of the first request's own.
+            record = not isinstance(exc, ReusedId)
+            err = SwitchyardError(ErrorCode.INVALID_REQUEST, str(exc))
+            await self._refuse(msg, err, req, use_case, account, record=record)
             await msg.term()
         except Refusal as exc:
             await self._refuse(msg, exc, req, use_case, account)
@@ -124,9 +139,16 @@ class Dispatcher:
         return tokens[2], tokens[3]
 
     async def _refuse(
-        self, msg: Msg, err: SwitchyardError, req: Request | None, use_case: str | None, account: str | None
+        self,
+        msg: Msg,
+        err: SwitchyardError,
+        req: Request | None,
+        use_case: str | None,
+        account: str | None,
+        *,
+        record: bool = True,
     ) -> None:
-        """Answer when a reply subject can be read, copy to the DLQ, record the event.
+        """Answer when a reply subject can be read, copy to the DLQ, record the event (unless not `record`).
 
         Each step is tried on its own; raises only when neither the answer nor the copy went out, so
         that the caller leaves the message in the stream rather than lose it.
@@ -143,13 +165,13 @@ class Dispatcher:
                 log.warning("refusal_reply_failed", request_id=rid, error=repr(exc))
         try:
             await self.pub.dead_letter("dispatch", msg.data, subject=msg.subject, code=err.code.value,
-                                       error=err.message, request_id=rid, account=account)
+                                       error=err.message, origin_seq=msg.metadata.sequence.stream)
             copied = True
         except Exception as exc:
             log.warning("dead_letter_failed", request_id=rid, error=repr(exc))
         if not (answered or copied):
             raise RuntimeError("neither the refusal nor its dead-letter copy could be published")
-        if rid is not None and account is not None and id_problem(rid) is None:
+        if record and rid is not None and account is not None and id_problem(rid) is None:
             try:
                 await self.pub.event(self._refusal_event(err, rid, req, use_case, account))
             except Exception as exc:

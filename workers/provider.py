@@ -143,7 +143,7 @@ class PoolWorker:
             self.log.error("bad_work_item", error=str(exc)[:500])
             await self.pub.dead_letter(
                 "work", msg.data, subject=msg.subject, code=ErrorCode.INVALID_REQUEST.value,
-                error=f"undecodable work item: {exc}",
+                error=f"undecodable work item: {exc}", origin_seq=msg.metadata.sequence.stream,
             )
             await msg.term()
             return
@@ -161,28 +161,27 @@ class PoolWorker:
             err = SwitchyardError(ErrorCode.INTERNAL, f"the worker failed on this request ({type(exc).__name__})")
             await self._end(work, out, err)
             await self.pub.dead_letter("work", msg.data, subject=msg.subject, code=err.code.value, error=repr(exc),
-                                       request_id=req.id, account=req.account)
+                                       origin_seq=msg.metadata.sequence.stream)
             await msg.term()
 
     async def give_up(self, msg: Msg, reason: str) -> None:
         """The pull loop's last resort for a work item: answer its producer unless its terminal reply
         already went out, and copy it to the dead-letter queue."""
         err = SwitchyardError(ErrorCode.INTERNAL, f"the worker gave up on this request: {reason}")
-        rid = account = None
         try:
             work = decode_work(msg.data)
         except Exception:
             work = None
         if work is not None:
-            rid, account = work.request.id, work.request.account
-            state = await self.progress.lookup(account, rid)
+            req = work.request
+            state = await self.progress.lookup(req.account, req.id)
             if isinstance(state, Finished):
                 if state.event is not None:
-                    await self.pub.publish(*self._event_message(state.event, account, rid))
+                    await self.pub.publish(*self._event_message(state.event, req.account, req.id))
             else:
                 await self._end(work, _Outcome(seq=state or 0), err)
         await self.pub.dead_letter("work", msg.data, subject=msg.subject, code=err.code.value, error=reason,
-                                   request_id=rid, account=account)
+                                   origin_seq=msg.metadata.sequence.stream)
 
     async def _resumed(self, msg: Msg, work: WorkItem, bound: structlog.BoundLogger) -> bool:
         """A redelivered item: finish what a lost or failed worker had started. True when handled here."""

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from nats.js.api import PubAck
 
 from router.redact import scrub
 from schemas import CompletionEvent, Reply, Request, TextPart, encode
@@ -56,10 +57,10 @@ class Publisher:
             raise PublishRefused(f"a message of {size} bytes is over the server's max_payload of"
                                  f" {self.nc.max_payload} bytes")
 
-    async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> None:
+    async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> PubAck:
         """A JetStream publish, checked first. Raises PublishRefused, or what nats-py raises."""
         self.check(subject, data, headers)
-        await self.js.publish(subject, data, headers=headers)
+        return await self.js.publish(subject, data, headers=headers)
 
     async def reply(self, subject: str, reply: Reply, *, account: str = "") -> None:
         """Core NATS for inboxes; JetStream (deduplicated per request and seq) for durable `llm.res.` subjects."""
@@ -83,18 +84,19 @@ class Publisher:
         subject: str,
         code: str,
         error: str,
-        request_id: str | None = None,
-        account: str | None = None,
+        origin_seq: int | None = None,
     ) -> None:
         """Copy a message given up on to `<prefix>.dlq.<stage>`. A body too large to fit beside the
-        headers is cut, and `Switchyard-Truncated` gives its original size."""
+        headers is cut, and `Switchyard-Truncated` gives its original size. `origin_seq`, the
+        message's sequence in its own stream, makes a second copy of one message (a redelivery)
+        a duplicate, while two messages that merely share a request id both keep their copy."""
         headers = {
             "Switchyard-Error-Code": code,
             "Switchyard-Error": _one_line(scrub(error))[:_DLQ_ERROR_CHARS],
             "Switchyard-Subject": _one_line(subject)[:MAX_SUBJECT],
         }
-        if request_id:
-            headers["Nats-Msg-Id"] = f"dlq:{stage}:{account or ''}:{_one_line(request_id)[:MAX_SUBJECT]}"
+        if origin_seq is not None:
+            headers["Nats-Msg-Id"] = f"dlq:{stage}:{origin_seq}"
         room = self.nc.max_payload - _header_bytes(headers) - 64  # 64: the Truncated header itself
         if len(data) > room:
             headers["Switchyard-Truncated"] = str(len(data))
