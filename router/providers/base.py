@@ -140,10 +140,21 @@ async def run(
             for ev in parser.close():
                 yield ev
     except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-        # (The aiohttp transport reports a refused connection as ConnectTimeout.)
-        raise ProviderFailure(
-            ErrorCode.PROVIDER_ERROR, f"could not reach the provider ({type(exc).__name__})", retry=True
-        ) from exc
+        # The aiohttp transport reports a refused connection as ConnectTimeout too, so the exception's
+        # type cannot tell an operator "nothing listens there" from "no answer": the OS error it was
+        # raised from can (both transports chain the ConnectionRefusedError).
+        cause: BaseException | None = exc
+        for _ in range(8):  # a chain is short; the bound only guards against a cycle
+            if cause is None or isinstance(cause, ConnectionRefusedError):
+                break
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, ConnectionRefusedError):
+            why = "connection refused"
+        elif isinstance(exc, httpx.ConnectTimeout):
+            why = "timed out connecting"
+        else:
+            why = type(exc).__name__
+        raise ProviderFailure(ErrorCode.PROVIDER_ERROR, f"could not reach the provider ({why})", retry=True) from exc
     except httpx.TimeoutException as exc:
         if started:
             raise StreamBroken(f"the provider stopped sending mid-stream ({type(exc).__name__})") from exc
