@@ -29,11 +29,34 @@ DEFAULT_CONFIG = Path(__file__).with_name("example.toml")
 
 
 def load_config(path: str | None) -> Config:
-    """The config from a TOML file (or the JSON that `switchyard up` writes). Raises ConfigError."""
-    p = Path(path or os.environ.get("SWITCHYARD_CONFIG") or DEFAULT_CONFIG)
-    if p.suffix == ".json":
-        return config_mod.from_mapping(msgspec.json.decode(p.read_bytes()))
-    return config_mod.load(p)
+    """The config from a TOML file (or the JSON that `switchyard up` writes).
+
+    Raises ConfigError with a message that starts with where the file came from and its path
+    (`--config F: no such file`, `--config F: routes.draft.default[0]: unknown pool 'x'`).
+    """
+    import tomllib
+
+    env = os.environ.get("SWITCHYARD_CONFIG")
+    p = Path(path or env or DEFAULT_CONFIG)
+    where = f"--config {p}" if path else f"SWITCHYARD_CONFIG {p}" if env else str(p)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise config_mod.ConfigError(f"{where}: no such file") from None
+    except OSError as exc:  # a directory, no permission
+        raise config_mod.ConfigError(f"{where}: {(exc.strerror or str(exc)).lower()}") from None
+    try:
+        if p.suffix == ".json":
+            return config_mod.from_mapping(msgspec.json.decode(data))
+        return config_mod.from_mapping(tomllib.loads(data.decode()))
+    except UnicodeDecodeError:
+        raise config_mod.ConfigError(f"{where}: not UTF-8 text") from None
+    except msgspec.DecodeError as exc:
+        raise config_mod.ConfigError(f"{where}: not valid JSON: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise config_mod.ConfigError(f"{where}: not valid TOML: {exc}") from None
+    except config_mod.ConfigError as exc:
+        raise config_mod.ConfigError(f"{where}: {exc}") from None
 
 
 def api_keys(cfg: Config) -> dict[str, str | None]:

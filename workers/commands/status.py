@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
+
+from .fleet import OK, connected, fleet_prefix
 
 STREAMS = ("LLM_REQ", "LLM_WORK", "LLM_EVENTS", "LLM_DLQ", "LLM_RES")
 
@@ -41,3 +46,18 @@ async def report(js: JetStreamContext) -> str:
     return "\n".join(lines)
 
 
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    st = sub.add_parser("status", help="queues and consumers: what waits, what is in flight, live replicas")
+    st.add_argument("--data-dir", type=Path, default=None, help="find the fleet `switchyard up` started here")
+    st.set_defaults(run=status)
+
+
+async def status(args: argparse.Namespace) -> int:
+    """Print the report. Raises NoFleet when NATS is unreachable or holds no fleet: another
+    team's streams on the same server are none of this command's business."""
+    async with connected(args.data_dir) as (nc, url):
+        js = nc.jetstream()
+        await fleet_prefix(js, url)
+        print(f"NATS: {url}\n")
+        print(await report(js))
+        return OK
