@@ -95,7 +95,7 @@ def nats_without_jetstream() -> Iterator[str]:
         proc.wait(10)
 
 
-@pytest.mark.parametrize("command", [["status"], ["ask", "hello"]])
+@pytest.mark.parametrize("command", [["status"], ["ask", "hello"], ["dlq", "list"]])
 async def test_a_server_without_switchyard_streams_is_no_fleet(command: list[str], nats_url: str, nc: NATS) -> None:
     # Another team's stream on the same server is not a fleet, and not shown.
     await nc.jetstream().add_stream(name="ORDERS", subjects=["orders.>"])
@@ -115,7 +115,7 @@ async def test_a_foreign_stream_named_like_ours_is_no_fleet(nats_url: str, nc: N
     assert out.stdout == ""
 
 
-@pytest.mark.parametrize("command", [["status"], ["ask", "hello"]])
+@pytest.mark.parametrize("command", [["status"], ["ask", "hello"], ["dlq", "list"]])
 def test_a_server_without_jetstream_is_no_fleet(command: list[str], nats_without_jetstream: str) -> None:
     out = switchyard(*command, NATS_URL=nats_without_jetstream)
     line = one_line(out)
