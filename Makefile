@@ -32,6 +32,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/bench_transport.py
 	$(BIN)/python bench/bench_fleet.py
 	$(BIN)/python bench/bench_pull.py
+	$(BIN)/python bench/bench_door.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -112,7 +112,7 @@ def _check_rules(req: Request) -> None:
 
 
 def _check_json(value: object, where: str) -> None:
-    if limits.depth(value) > limits.MAX_DEPTH:
+    if limits.too_deep(value):
         raise InvalidMessage(
             f"invalid request: nested more than {limits.MAX_DEPTH} levels deep", field=where
         )
@@ -143,8 +143,8 @@ class _Peek(msgspec.Struct):
 
 
 _peek = msgspec.json.Decoder(_Peek)
-_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}:,]')
-_SCAN_TOKENS = 200_000
+_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}:,\s]+')
+_SCAN_TOKENS = 50_000
 """How many tokens the tolerant scan reads before it gives up: bounded work on hostile input."""
 
 
@@ -178,7 +178,8 @@ def _encodable(text: str) -> bool:
 
 def _scan_top_level(data: bytes, keys: tuple[str, ...]) -> dict[str, str]:
     """The string values of `keys` in a JSON object's top level, read token by token without
-    recursion, tolerating what is malformed elsewhere."""
+    recursion, tolerating what is malformed elsewhere. A run of brackets counts as one token,
+    so deep nesting costs little; strings are the tokens that count against the budget."""
     out: dict[str, str] = {}
     depth = 0
     key: str | None = None
@@ -187,13 +188,11 @@ def _scan_top_level(data: bytes, keys: tuple[str, ...]) -> dict[str, str]:
         if n >= _SCAN_TOKENS or len(out) == len(keys):
             break
         tok = m.group()
-        if tok in (b"{", b"["):
-            depth += 1
-            if depth == 2:
-                key = None  # the value is nested: not a string
-        elif tok in (b"}", b"]"):
-            depth -= 1
-        elif tok[:1] == b'"' and depth == 1:
+        if tok[:1] != b'"':
+            depth += tok.count(b"{") + tok.count(b"[") - tok.count(b"}") - tok.count(b"]")
+            prev = tok.strip()[-1:] or prev
+            continue
+        if depth == 1:
             try:
                 text = json.loads(tok.decode("utf-8", "replace"))
             except ValueError:
@@ -204,5 +203,5 @@ def _scan_top_level(data: bytes, keys: tuple[str, ...]) -> dict[str, str]:
                 key = None
             else:
                 key = text if isinstance(text, str) else None
-        prev = tok
+        prev = b'"'
     return out

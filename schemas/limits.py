@@ -9,6 +9,7 @@ deep nesting exhausts a decoder's recursion. docs/protocol.md ("Limits") lists t
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 MAX_ID = 128
 """Characters of a request `id`."""
@@ -76,23 +77,22 @@ def id_problem(rid: str) -> str | None:
     return None
 
 
-def depth(value: object) -> int:
-    """How deeply objects and arrays nest in a decoded JSON value (a scalar is 0). Iterative: a
-    value deep enough to exhaust Python's recursion never reaches here, but a walk must not either."""
-    deepest = 0
-    stack: list[tuple[object, int]] = [(value, 0)]
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, dict):
-            children: list[object] = list(item.values())
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        level += 1
-        deepest = max(deepest, level)
-        stack.extend((c, level) for c in children)
-    return deepest
+def too_deep(value: object, limit: int = MAX_DEPTH) -> bool:
+    """Whether objects and arrays nest more than `limit` levels in a decoded JSON value (a scalar is
+    level 0). The walk stops at `limit`, so its recursion stays shallow whatever the value."""
+    children: Iterable[object]
+    if type(value) is dict:
+        children = value.values()
+    elif type(value) is list:
+        children = value
+    else:
+        return False
+    if limit == 0:
+        return True
+    for child in children:
+        if (type(child) is dict or type(child) is list) and too_deep(child, limit - 1):
+            return True
+    return False
 
 
 def has_nul(value: object) -> bool:
