@@ -69,7 +69,7 @@ def _refused(data: bytes) -> Callable[[], object]:
 
 
 def main() -> None:
-    print(f"# {cpu_model()}, Python {platform.python_version()}, msgspec {version('msgspec')}")
+    print(f"Machine: {cpu_model()}, Python {platform.python_version()}, msgspec {version('msgspec')}.\n")
     print("| body | bytes | typed decode µs | door µs | peek µs |")
     print("|---|---:|---:|---:|---:|")
     for name, data in VALID.items():
