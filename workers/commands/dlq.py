@@ -145,7 +145,7 @@ async def _letters(js: JetStreamContext, prefix: str, stage: str | None, limit: 
     finally:
         await sub.unsubscribe()
         await js.delete_consumer(STREAM, info.name)
-    return list(kept), max(total, seen)
+    return list(kept), total
 
 
 def _from_msg(prefix: str, msg: Msg) -> DeadLetter:
