@@ -249,3 +249,24 @@ async def test_a_poison_event_is_kept_until_its_dead_letter_copy_is_published(
 )
 def test_a_failed_insert_is_an_outage_only_when_no_row_is_to_blame(exc: BaseException, outage: bool) -> None:
     assert is_outage(exc) is outage
+
+
+async def test_a_refusal_row_gives_way_to_the_outcome_of_the_same_request_sent_again(
+    fleet: Fleet, nc: NATS, db: asyncpg.Pool
+) -> None:
+    # A request refused before any provider was tried, fixed and replayed from the dead-letter queue.
+    js = nc.jetstream()
+    refused = event("replayed", status="error", code="NO_ROUTE", provider=None, model=None, cost_usd=None)
+    await js.publish("llm.events.completed", encode(refused), headers={"Nats-Msg-Id": "refused:1"})
+    assert (await audit_row(db, "replayed"))["code"] == "NO_ROUTE"
+    await js.publish("llm.events.completed", encode(event("replayed", finished_ms=1_700_000_009_000)))
+    async with asyncio.timeout(10):
+        while (await audit_row(db, "replayed"))["status"] != "ok":
+            await asyncio.sleep(0.05)
+    # A row with a provider call is never replaced, by a refusal or anything else.
+    late = event("replayed", status="error", code="INVALID_REQUEST", provider=None, model=None, cost_usd=None)
+    await js.publish("llm.events.completed", encode(late), headers={"Nats-Msg-Id": "refused:2"})
+    await js.publish("llm.events.completed", encode(event("marker")))
+    await audit_row(db, "marker")
+    row = await audit_row(db, "replayed")
+    assert row["status"] == "ok" and row["provider"] == "openai" and float(row["cost_usd"]) == 0.001

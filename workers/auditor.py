@@ -49,7 +49,33 @@ INSERT INTO llm_audit (
     cost_usd, latency_ms, ttft_ms, started_at, finished_at, prompt_chars, prompt_sha256, finish_reason, metadata
 ) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10, $11, $12, $13, $14, $15::jsonb,
           $16, $17, $18, $19, $20, $21, $22, $23, $24::jsonb)
-ON CONFLICT (account, request_id) DO NOTHING
+ON CONFLICT (account, request_id) DO UPDATE SET
+    use_case = EXCLUDED.use_case,
+    tier = EXCLUDED.tier,
+    status = EXCLUDED.status,
+    code = EXCLUDED.code,
+    provider = EXCLUDED.provider,
+    model = EXCLUDED.model,
+    attempts = EXCLUDED.attempts,
+    input_tokens = EXCLUDED.input_tokens,
+    output_tokens = EXCLUDED.output_tokens,
+    cache_read_tokens = EXCLUDED.cache_read_tokens,
+    cache_write_tokens = EXCLUDED.cache_write_tokens,
+    reasoning_tokens = EXCLUDED.reasoning_tokens,
+    raw_usage = EXCLUDED.raw_usage,
+    cost_usd = EXCLUDED.cost_usd,
+    latency_ms = EXCLUDED.latency_ms,
+    ttft_ms = EXCLUDED.ttft_ms,
+    started_at = EXCLUDED.started_at,
+    finished_at = EXCLUDED.finished_at,
+    prompt_chars = EXCLUDED.prompt_chars,
+    prompt_sha256 = EXCLUDED.prompt_sha256,
+    finish_reason = EXCLUDED.finish_reason,
+    metadata = EXCLUDED.metadata,
+    recorded_at = now()
+-- Only a refusal (an error before any provider was tried) gives way, to the outcome of the same request
+-- sent again (a dead-letter replay); a row with a provider call, and so possibly a cost, is never replaced.
+WHERE llm_audit.status = 'error' AND llm_audit.provider IS NULL
 """
 
 _ACQUIRE_TIMEOUT_S = 10.0

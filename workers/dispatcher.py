@@ -173,7 +173,8 @@ class Dispatcher:
             raise RuntimeError("neither the refusal nor its dead-letter copy could be published")
         if record and rid is not None and account is not None and id_problem(rid) is None:
             try:
-                await self.pub.event(self._refusal_event(err, rid, req, use_case, account))
+                event = self._refusal_event(err, rid, req, use_case, account)
+                await self.pub.refusal_event(event, origin_seq=msg.metadata.sequence.stream)
             except Exception as exc:
                 log.warning("refusal_event_failed", request_id=rid, error=repr(exc))
 

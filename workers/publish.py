@@ -71,9 +71,12 @@ class Publisher:
             self.check(subject, data)
             await self.nc.publish(subject, data)
 
-    async def event(self, event: CompletionEvent) -> None:
+    async def refusal_event(self, event: CompletionEvent, *, origin_seq: int) -> None:
+        """The completion event of a request refused before any provider was tried. Deduplicated by the
+        request message's sequence, not its id: a replay of the request after its cause was fixed is
+        a new message whose own event must not be taken for a duplicate of this one."""
         await self.publish(
-            f"{self.prefix}.events.completed", encode(event), {"Nats-Msg-Id": f"done:{event.account}:{event.id}"}
+            f"{self.prefix}.events.completed", encode(event), {"Nats-Msg-Id": f"refused:{origin_seq}"}
         )
 
     async def dead_letter(
