@@ -46,9 +46,15 @@ def run(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
     """Run a process's main coroutine on uvloop.
 
     The first SIGINT/SIGTERM sets the stop event: loops stop fetching and finish what
-    they hold. A second one cancels everything at once.
+    they hold. A second one cancels everything at once. Either way the process exits 0.
+    When `main` raises instead (its NATS connection closed for good, PostgreSQL refusing,
+    a bug), that is one `process_failed` log line and exit code 1, so that whatever runs
+    the replica (`switchyard up`, an orchestrator) restarts it. A ConfigError is left to
+    the caller, which reports a bad config in a sentence.
     """
     import uvloop
+
+    from router.config import ConfigError
 
     async def guarded() -> None:
         task = asyncio.current_task()
@@ -68,7 +74,20 @@ def run(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
         except asyncio.CancelledError:
             pass
 
-    uvloop.run(guarded())
+    def leaves(exc: BaseException) -> list[BaseException]:
+        # A TaskGroup wraps what failed in an ExceptionGroup; the line should name what failed.
+        if isinstance(exc, BaseExceptionGroup):
+            return [leaf for inner in exc.exceptions for leaf in leaves(inner)]
+        return [exc]
+
+    try:
+        uvloop.run(guarded())
+    except ConfigError:
+        raise
+    except Exception as exc:
+        error = "; ".join(f"{type(e).__name__}: {e}" for e in leaves(exc))
+        structlog.get_logger().critical("process_failed", error=error, exc_info=exc)
+        sys.exit(1)
 
 
 def nats_url() -> str:

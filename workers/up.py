@@ -5,6 +5,15 @@ Starts (unless NATS_URL / DATABASE_URL name existing servers) an embedded
 creates the streams and tables, then runs the dispatcher, one worker process per
 pool and the auditor as child processes. With no provider key in the environment
 it serves the demo provider and routes every use case to it.
+
+It supervises its children: one that exits while the fleet is not stopping (any
+exit code, any signal, the embedded nats-server included) is reported and started
+again with the same arguments after a backoff, while the rest keep serving. A child
+that keeps crashing is reported once and still restarted, its delay capped at 30 s:
+never given up on (`workers/supervise.py` holds the policy). The embedded PostgreSQL
+is a server pgserver runs, not a child, and is not watched. Ctrl-C or SIGTERM stops
+everything in order, workers first, then nats-server, then PostgreSQL, and nothing
+is restarted once stopping has begun.
 """
 
 from __future__ import annotations
@@ -23,15 +32,21 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import structlog
 
 from router import config as config_mod
 from router.config import Config
 from router.providers.fakes import FakeOpenAI, Scenario
 
 from .processes import api_keys, load_config, prepare
+from .supervise import RestartPolicy, describe_exit
 
 DEMO_MODEL = "switchyard-demo"
 STATE_FILE = "state.json"
+POLL_S = 0.2
+"""How often `up` looks for children that exited."""
+
+log = structlog.get_logger("up")
 
 
 class State(msgspec.Struct):
@@ -85,6 +100,71 @@ def _spawn(args: list[str], env: dict[str, str] | None = None, quiet: bool = Fal
     )
 
 
+class _Child:
+    """One supervised process: how to start it again, and when."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.args = args
+        self.env = env
+        self.policy = RestartPolicy()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.restart_at: float | None = None
+
+    def start(self, now: float) -> subprocess.Popen[bytes]:
+        self.proc = _spawn(self.args, self.env)
+        self.policy.started(now)
+        self.restart_at = None
+        return self.proc
+
+    @property
+    def running(self) -> subprocess.Popen[bytes] | None:
+        return self.proc if self.proc is not None and self.proc.poll() is None else None
+
+
+def _tend(child: _Child, now: float) -> None:
+    """Restart `child` once its delay is over; when it has just exited, report that and schedule the restart."""
+    if child.restart_at is not None:
+        if now < child.restart_at:
+            return
+        try:
+            pid = child.start(now).pid
+        except OSError as exc:  # no process at all (out of pids or memory): as good as one that exited
+            _exited(child, now, f"could not start: {exc}")
+            return
+        say(f"{child.name} restarted (pid {pid})")
+        log.info("child_restarted", child=child.name, pid=pid)
+        return
+    code = child.proc.poll() if child.proc is not None else None
+    if code is not None:
+        _exited(child, now, describe_exit(code))
+
+
+def _exited(child: _Child, now: float, why: str) -> None:
+    restart = child.policy.exited(now)
+    child.restart_at = now + restart.delay_s
+    say(f"{child.name} exited ({why}); restarting it in {restart.delay_s:g} s")
+    log.warning("child_exited", child=child.name, exit=why, restart_in_s=restart.delay_s)
+    if restart.crash_loop:
+        policy = child.policy
+        say(f"{child.name} keeps crashing ({restart.recent_exits} exits in {policy.loop_window_s:g} s, last: {why});"
+            f" still restarting it, {policy.max_s:g} s apart at most")
+        log.error("child_crash_loop", child=child.name, exits=restart.recent_exits, window_s=policy.loop_window_s,
+                  last_exit=why)
+
+
+async def _supervise(children: list[_Child], stop: asyncio.Event) -> None:
+    """Until `stop` is set, restart every child that exits. Nothing restarts once `stop` is set:
+    `_tend` does not await, so `stop` cannot be set between the check and a restart."""
+    while not stop.is_set():
+        now = time.monotonic()
+        for child in children:
+            _tend(child, now)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(POLL_S):
+                await stop.wait()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -99,14 +179,17 @@ def _nats_binary() -> str:
     return found
 
 
-async def _start_nats(data_dir: Path, port: int) -> tuple[str, subprocess.Popen[bytes]]:
+async def _start_nats(data_dir: Path, port: int) -> tuple[str, _Child]:
+    # The port is fixed here, not left to nats-server, so that a restart serves the same URL (and store).
     port = port or _free_port()
     store = data_dir / "nats"
     store.mkdir(parents=True, exist_ok=True)
-    proc = _spawn(
+    child = _Child(
+        "nats-server",
         [_nats_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store),
          "-l", str(data_dir / "nats.log")],
     )
+    proc = child.start(time.monotonic())
     end = time.monotonic() + 15
     while time.monotonic() < end:
         if proc.poll() is not None:
@@ -118,7 +201,7 @@ async def _start_nats(data_dir: Path, port: int) -> tuple[str, subprocess.Popen[
             await asyncio.sleep(0.05)
             continue
         writer.close()
-        return f"nats://127.0.0.1:{port}", proc
+        return f"nats://127.0.0.1:{port}", child
     proc.kill()
     raise SystemExit("switchyard: nats-server did not start within 15 s")
 
@@ -179,7 +262,7 @@ async def up(stop: asyncio.Event, *, config_path: str | None, data_dir: Path, na
             f" {running.nats_url}); stop it first, or use another --data-dir"
         )
     cfg = load_config(config_path)
-    children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    children: list[_Child] = []
     pg_server: Any = None
     demo: FakeOpenAI | None = None
     try:
@@ -187,8 +270,8 @@ async def up(stop: asyncio.Event, *, config_path: str | None, data_dir: Path, na
         if nats_url:
             say(f"using NATS at {nats_url} (NATS_URL)")
         else:
-            nats_url, proc = await _start_nats(data_dir, nats_port)
-            children.append(("nats-server", proc))
+            nats_url, nats_child = await _start_nats(data_dir, nats_port)
+            children.append(nats_child)
         given_db = os.environ.get("DATABASE_URL")
         if given_db:
             database_url = given_db
@@ -214,11 +297,15 @@ async def up(stop: asyncio.Event, *, config_path: str | None, data_dir: Path, na
 
         env: dict[str, str] = {**os.environ, "NATS_URL": nats_url, "DATABASE_URL": database_url}
         me = [sys.executable, "-m", "workers.cli"]
-        children.append(("dispatcher", _spawn([*me, "dispatcher", "--config", str(effective)], env)))
-        for pool in cfg.pools:
-            args = [*me, "worker", "--pool", pool, "--config", str(effective)]
-            children.append((f"worker {pool}", _spawn(args, env)))
-        children.append(("auditor", _spawn([*me, "auditor", "--config", str(effective)], env)))
+        services = [_Child("dispatcher", [*me, "dispatcher", "--config", str(effective)], env)]
+        services += [
+            _Child(f"worker {pool}", [*me, "worker", "--pool", pool, "--config", str(effective)], env)
+            for pool in cfg.pools
+        ]
+        services.append(_Child("auditor", [*me, "auditor", "--config", str(effective)], env))
+        for child in services:
+            children.append(child)
+            child.start(time.monotonic())
         (data_dir / STATE_FILE).write_bytes(
             msgspec.json.encode(State(nats_url=nats_url, database_url=database_url, pid=os.getpid()))
         )
@@ -226,21 +313,15 @@ async def up(stop: asyncio.Event, *, config_path: str | None, data_dir: Path, na
         say(f"PostgreSQL: {database_url}")
         say(f"pools:      {', '.join(cfg.pools)}; use cases: {', '.join(cfg.routes)}")
         say('ready. Try: switchyard ask "Write a haiku about queues" --stream   (Ctrl-C stops the fleet)')
-        while not stop.is_set():
-            for name, proc in children:
-                if proc.poll() is not None:
-                    say(f"{name} exited with code {proc.returncode}; stopping the fleet")
-                    stop.set()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.5):
-                    await stop.wait()
+        await _supervise(children, stop)
     finally:
         say("stopping")
         (data_dir / STATE_FILE).unlink(missing_ok=True)
-        # Workers first (they drain), NATS after them, PostgreSQL last.
-        services = [(n, p) for n, p in children if n != "nats-server"]
-        await _terminate(services)
-        await _terminate([(n, p) for n, p in children if n == "nats-server"])
+        # Workers first (they drain), NATS after them, PostgreSQL last. A child waiting for its
+        # restart has no process to stop.
+        alive = [(c.name, p) for c in children if (p := c.running) is not None]
+        await _terminate([(n, p) for n, p in alive if n != "nats-server"])
+        await _terminate([(n, p) for n, p in alive if n == "nats-server"])
         if demo is not None:
             await demo.stop()
         if pg_server is not None:
