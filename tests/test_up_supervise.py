@@ -414,10 +414,6 @@ def test_a_process_whose_main_coroutine_raises_exits_1_with_one_line_naming_the_
     assert "Traceback" in line["exception"]  # kept, inside the line, for a bug
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "serve_pull (workers/pull.py) and Auditor.serve (workers/auditor.py) retry on ConnectionClosedError, so a"
-    " replica whose connection is closed for good keeps logging instead of exiting; run() can only act on what"
-    " the main coroutine raises"))
 @pytest.mark.parametrize(("role", "started"), [(["dispatcher"], "dispatcher_started"),
                                                (["auditor"], "auditor_started")], ids=["dispatcher", "auditor"])
 def test_a_replica_whose_nats_connection_is_closed_for_good_exits_1_with_one_line(

@@ -241,6 +241,8 @@ class Auditor:
             except TimeoutError:
                 continue
             except Exception as exc:
+                if self.pub.nc.is_closed:
+                    raise  # closed for good: the process ends (exit 1) and is started again
                 # NATS reconnecting or the consumer briefly gone: ask again rather than end the process.
                 log.warning("audit_fetch_failed", error=repr(exc))
                 await asyncio.sleep(_FIRST_BACKOFF_S)

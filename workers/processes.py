@@ -86,7 +86,7 @@ async def prepare(nats_url: str, database_url: str, cfg: Config) -> None:
 
 
 async def run_dispatcher(stop: asyncio.Event, cfg: Config, nats_url: str) -> None:
-    nc = await connect(nats_url, "switchyard-dispatcher")
+    nc = await connect(nats_url, "switchyard-dispatcher", stop)
     try:
         js = nc.jetstream()
         await ensure_topology(js, cfg)
@@ -98,7 +98,7 @@ async def run_dispatcher(stop: asyncio.Event, cfg: Config, nats_url: str) -> Non
 async def run_worker(stop: asyncio.Event, cfg: Config, nats_url: str, pool: str) -> None:
     if pool not in cfg.pools:
         raise config_mod.ConfigError(f"--pool: unknown pool {pool!r} (configured: {', '.join(cfg.pools)})")
-    nc = await connect(nats_url, f"switchyard-worker-{pool}")
+    nc = await connect(nats_url, f"switchyard-worker-{pool}", stop)
     try:
         js = nc.jetstream()
         await ensure_topology(js, cfg)
@@ -117,7 +117,7 @@ async def run_auditor(stop: asyncio.Event, cfg: Config, nats_url: str, database_
             applied = await migrate(conn)
         if applied:
             log.info("migrated", applied=applied)
-        nc = await connect(nats_url, "switchyard-auditor")
+        nc = await connect(nats_url, "switchyard-auditor", stop)
         try:
             js = nc.jetstream()
             await ensure_topology(js, cfg)

@@ -136,6 +136,8 @@ async def serve_pull(
                     try:
                         await nc.publish(next_subject, json.dumps(body).encode(), reply=inbox)
                     except Exception as exc:
+                        if nc.is_closed:
+                            raise  # closed for good: the process ends (exit 1) and is started again
                         # Reconnecting, or the buffer is full: ask again shortly rather than end the process.
                         log.warning("pull_request_failed", error=repr(exc), stream=stream, consumer=consumer)
                         req.left = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -18,11 +19,13 @@ from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 
 from router.config import Config
-from router.redact import redact_secrets
+from router.redact import redact_secrets, scrub
 
 DAY = 86_400.0
 MAX_DELIVER = 5
-"""Deliveries of one request or work item before it is dead-lettered."""
+"""Deliveries of one request or work item before it is dead-lettered. The pull loop counts them
+(workers/pull.py), not the consumer: a consumer's own limit would leave a message whose last
+delivery was never acked (its process killed) in the work queue for good."""
 
 
 def configure_logging(level: str = "info") -> None:
@@ -94,7 +97,13 @@ def nats_url() -> str:
     return os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
 
 
-async def connect(url: str, name: str) -> NATS:
+FIRST_CONNECT_S = 30.0
+"""How long a process tries to reach NATS at start before it fails (exit 1) and is started again."""
+
+
+async def connect(url: str, name: str, stop: asyncio.Event | None = None) -> NATS:
+    """A connection that reconnects for ever once made. Making it is bounded: raises ConnectionError
+    after FIRST_CONNECT_S, and CancelledError when `stop` is set first (a SIGTERM while connecting)."""
     log = structlog.get_logger()
     conn: list[NATS] = []
 
@@ -109,7 +118,7 @@ async def connect(url: str, name: str) -> NATS:
     async def on_reconnect() -> None:
         log.info("nats_reconnected")
 
-    nc = await nats.connect(
+    connecting = asyncio.ensure_future(nats.connect(
         url,
         name=name,
         error_cb=on_error,
@@ -117,7 +126,21 @@ async def connect(url: str, name: str) -> NATS:
         reconnected_cb=on_reconnect,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
-    )
+    ))
+    stopping = asyncio.ensure_future((stop or asyncio.Event()).wait())
+    try:
+        done, _ = await asyncio.wait({connecting, stopping}, timeout=FIRST_CONNECT_S,
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if connecting not in done:
+        connecting.cancel()
+        with contextlib.suppress(BaseException):
+            await connecting
+        if stopping in done:
+            raise asyncio.CancelledError("asked to stop while connecting to NATS")
+        raise ConnectionError(f"cannot reach NATS at {scrub(url)} within {FIRST_CONNECT_S:.0f} s; is it running?")
+    nc = connecting.result()
     conn.append(nc)
     return nc
 
@@ -146,7 +169,7 @@ def pool_consumer(prefix: str, pool: str, concurrency: int, ack_wait_s: float = 
         filter_subject=f"{prefix}.work.{pool}",
         ack_policy=js_api.AckPolicy.EXPLICIT,
         ack_wait=ack_wait_s,
-        max_deliver=MAX_DELIVER,
+        max_deliver=-1,
         max_ack_pending=concurrency,
         max_waiting=512,
     )
@@ -158,7 +181,7 @@ def dispatch_consumer(prefix: str) -> js_api.ConsumerConfig:
         filter_subject=f"{prefix}.req.>",
         ack_policy=js_api.AckPolicy.EXPLICIT,
         ack_wait=30.0,
-        max_deliver=MAX_DELIVER,
+        max_deliver=-1,
         max_ack_pending=1000,
         max_waiting=512,
     )

@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 import structlog
@@ -38,6 +39,7 @@ from router import config as config_mod
 from router.config import Config
 from router.providers.fakes import FakeOpenAI, Scenario
 
+from .commands.preflight import redact_url
 from .processes import api_keys, load_config, prepare
 from .supervise import RestartPolicy, describe_exit
 
@@ -310,7 +312,8 @@ async def up(stop: asyncio.Event, *, config_path: str | None, data_dir: Path, na
             msgspec.json.encode(State(nats_url=nats_url, database_url=database_url, pid=os.getpid()))
         )
         say(f"NATS:       {nats_url}")
-        say(f"PostgreSQL: {database_url}")
+        # A DATABASE_URL's password stays out of the output; the embedded server's URL has none.
+        say(f"PostgreSQL: {redact_url(database_url) if urlsplit(database_url).password else database_url}")
         say(f"pools:      {', '.join(cfg.pools)}; use cases: {', '.join(cfg.routes)}")
         say('ready. Try: switchyard ask "Write a haiku about queues" --stream   (Ctrl-C stops the fleet)')
         await _supervise(children, stop)
