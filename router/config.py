@@ -29,6 +29,9 @@ class ProviderConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     """Provider id in genai-prices, when it differs from the provider's name (e.g. `google`)."""
     free: bool = False
     """The provider does not charge (a local model, the demo provider): cost is 0."""
+    credit_cooldown_ms: Annotated[int, Meta(ge=1000)] = 900_000
+    """How long the whole provider counts as out of credit after a call said so (every pool, every
+    replica); its targets are skipped meanwhile."""
 
 
 class RetryPolicy(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -41,8 +44,13 @@ class RetryPolicy(Struct, kw_only=True, forbid_unknown_fields=True):
 
 class BreakerPolicy(Struct, kw_only=True, forbid_unknown_fields=True):
     failures: Annotated[int, Meta(ge=1)] = 5
+    """Consecutive provider-side failures that open the pool's breaker."""
     cooldown_ms: Annotated[int, Meta(ge=0)] = 60_000
+    """How long an open breaker refuses calls before it lets probes through (half-open)."""
     successes: Annotated[int, Meta(ge=1)] = 2
+    """Successful probes that close a half-open breaker."""
+    probes: Annotated[int, Meta(ge=1)] = 1
+    """Probe calls allowed at once while half-open."""
 
 
 class PoolConfig(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -77,12 +85,19 @@ class LimitsConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     accounts: dict[str, Limits] = {}
 
 
+class TierConfig(Struct, kw_only=True, forbid_unknown_fields=True):
+    force_any_model: bool = False
+    """A request of this tier may force (`model`) any model the config serves, not only those of its
+    own route."""
+
+
 class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     subject_prefix: Name = "llm"
     providers: dict[Name, ProviderConfig]
     pools: dict[Name, PoolConfig]
     routes: dict[Name, dict[Name, list[str]]]
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    tiers: dict[Name, TierConfig] = {}
 
     def route(self, use_case: str, tier: str) -> list[Target] | None:
         """The targets for use case × tier, falling back to the use case's `default` tier."""
