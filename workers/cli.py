@@ -11,6 +11,7 @@ from router.config import ConfigError
 
 from . import processes
 from .commands import ask, dlq, fleet, status
+from .commands import config as config_noun
 from .commands.preflight import database_problem
 from .runtime import configure_logging, run
 
@@ -32,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--pool", required=True)
     w.add_argument("--config")
 
-    for noun in (ask, status, dlq):  # the operator's commands, one module each
+    for noun in (ask, status, dlq, config_noun):  # the operator's commands, one module each
         noun.register(sub)
     return p
 
