@@ -91,6 +91,29 @@ class TierConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     own route."""
 
 
+Temperature = Literal["any", "max_1", "only_1"]
+"""What a model accepts as `temperature`: anything the protocol allows (0–2), at most 1, or only 1."""
+
+PerMTok = Annotated[float, Meta(ge=0)]
+
+
+class ModelConfig(Struct, kw_only=True, forbid_unknown_fields=True):
+    """What the config says about one model, over the built-in table (`router.models`). Unset fields
+    keep the table's value; a model only the config describes is used as described."""
+
+    context_window: Annotated[int, Meta(ge=1)] | None = None
+    """Input + output tokens."""
+    max_output_tokens: Annotated[int, Meta(ge=1)] | None = None
+    vision: bool | None = None
+    tools: bool | None = None
+    temperature: Temperature | None = None
+    input_usd_per_mtok: PerMTok | None = None
+    """Price of a million input tokens in USD; with `output_usd_per_mtok`, wins over genai-prices."""
+    output_usd_per_mtok: PerMTok | None = None
+    free: bool = False
+    """The model costs nothing wherever it is served (a self-hosted model): cost is 0."""
+
+
 class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     subject_prefix: Name = "llm"
     providers: dict[Name, ProviderConfig]
@@ -98,6 +121,8 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     routes: dict[Name, dict[Name, list[str]]]
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     tiers: dict[Name, TierConfig] = {}
+    models: dict[str, ModelConfig] = {}
+    """Keyed by the model name as routes and requests spell it."""
 
     def route(self, use_case: str, tier: str) -> list[Target] | None:
         """The targets for use case × tier, falling back to the use case's `default` tier."""
@@ -133,9 +158,23 @@ def _check(cfg: Config) -> None:
                     raise ConfigError(f"{where}[{i}]: {exc}") from None
                 if target.pool not in cfg.pools:
                     raise ConfigError(f"{where}[{i}]: unknown pool {target.pool!r}")
+    for name, model in cfg.models.items():
+        _check_model(name, model)
     for name, prov in cfg.providers.items():
         if not prov.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"providers.{name}.base_url: must start with http:// or https://")
+
+
+def _check_model(name: str, model: ModelConfig) -> None:
+    where = f'models."{name}"'
+    if (model.input_usd_per_mtok is None) != (model.output_usd_per_mtok is None):
+        missing = "input_usd_per_mtok" if model.input_usd_per_mtok is None else "output_usd_per_mtok"
+        raise ConfigError(f"{where}.{missing}: needed with the other price, a price is both or neither")
+    if model.free and model.input_usd_per_mtok is not None:
+        raise ConfigError(f"{where}.free: a free model has no price; set `free` or the prices, not both")
+    window, out = model.context_window, model.max_output_tokens
+    if window is not None and out is not None and out > window:
+        raise ConfigError(f"{where}.max_output_tokens: {out} is more than the context_window {window}")
 
 
 def _convert(raw: object, typ: type[Any], where: str) -> Any:
@@ -158,6 +197,11 @@ def _named_sections(raw: Mapping[str, object]) -> None:
         if isinstance(entries, dict):
             for key, value in entries.items():
                 _convert(value, typ, f"{section}.{key}")
+    models = raw.get("models")
+    if isinstance(models, dict):
+        for key, value in models.items():
+            # Model names hold dots (`gemini-2.5-flash`), so the name is quoted as TOML would.
+            _convert(value, ModelConfig, f'models."{key}"')
     routes = raw.get("routes")
     if isinstance(routes, dict):
         for use_case, tiers in routes.items():
