@@ -98,6 +98,8 @@ _TABLE: dict[str, _Entry] = {
     "glm-4.6": _Entry(200_000, 128_000, vision=False, tools=True, temperature="max_1"),
 }
 
+_FORMAT_TEMPERATURE: dict[str, Temperature] = {"anthropic": "max_1"}
+
 # Date suffixes providers add to pinned versions: -2024-08-06, -20251001, -0613, -latest.
 _DATED = re.compile(r"(-\d{4}-\d{2}-\d{2}|-\d{8}|-\d{4}|-latest)$")
 
@@ -137,7 +139,7 @@ def model_info(cfg: Config, fmt: str, model: str) -> ModelInfo:
     own = cfg.models.get(model)
     entry = table_entry(fmt, model)
     if entry is None:
-        entry = _Entry(None, None, vision=None, tools=None)
+        entry = _Entry(None, None, vision=None, tools=None, temperature=_FORMAT_TEMPERATURE.get(fmt, "any"))
         if own is None:
             return ModelInfo(name=model, known=False, **msgspec.structs.asdict(entry))
     own = own or ModelConfig()
@@ -163,9 +165,10 @@ def table_entry(fmt: str, model: str) -> _Entry | None:
 
 
 def temperature_rule(fmt: str, model: str) -> Temperature:
-    """The table's temperature rule, for adapters, which have no config."""
+    """The table's temperature rule (adapters have no config); for a model it does not know, the
+    wire format's own (Anthropic's API caps every model at 1)."""
     key = family(model)
-    return _TABLE[key].temperature if key else "any"
+    return _TABLE[key].temperature if key else _FORMAT_TEMPERATURE.get(fmt, "any")
 
 
 def clamp_temperature(rule: Temperature, temperature: float | None) -> float | None:

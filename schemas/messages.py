@@ -55,6 +55,10 @@ class ToolCall(Struct, kw_only=True):
     id: Annotated[str, Meta(min_length=1, max_length=L.MAX_TOOL_CALL_ID)]
     name: NonEmpty
     arguments: JSONObject = {}
+    signature: str | msgspec.UnsetType | None = msgspec.UNSET
+    """Opaque state the provider attached to the call (Gemini's thought signature), to be sent back
+    with it. UNSET, not None, by default so the field is left out of the JSON when there is none
+    while an empty `arguments` is still written; null from a producer counts as none."""
 
 
 class Message(Struct, kw_only=True, omit_defaults=True):

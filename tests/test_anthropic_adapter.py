@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from router.config import Temperature
 from router.errors import ErrorCode, ProviderFailure, StreamBroken
 from router.pricing import cost_usd
 from router.providers import anthropic as adapter
@@ -304,3 +305,22 @@ def test_tool_results_share_one_user_turn() -> None:
         ]},
         {"role": "user", "content": "Which is warmer?"},
     ]
+
+
+@pytest.mark.parametrize(
+    ("model", "rule", "asked", "sent"),
+    [
+        ("claude-haiku-4-5-20251001", None, 1.5, 1.0),
+        ("claude-sonnet-4-5", None, 0.3, 0.3),
+        # Anthropic's API caps every model at 1, even one the table does not know or the config calls "any".
+        ("claude-next", None, 2.0, 1.0),
+        ("claude-next", "any", 2.0, 1.0),
+        ("claude-next", "only_1", 0.3, None),
+    ],
+)
+def test_temperature_follows_the_models_rule(
+    model: str, rule: Temperature | None, asked: float, sent: float | None
+) -> None:
+    req = request(user("Hi"), temperature=asked)
+    body = adapter.build(req, model=model, base_url="http://x", api_key=None, headers={}, temperature_rule=rule).body
+    assert body.get("temperature") == sent

@@ -9,6 +9,7 @@ import httpx
 import msgspec
 import pytest
 
+from router.config import Temperature
 from router.errors import ErrorCode, ProviderFailure, StreamBroken
 from router.pricing import cost_usd
 from router.providers import gemini
@@ -138,8 +139,12 @@ async def test_tool_call_round_trip(http: httpx.AsyncClient, fake: FakeGemini, s
     done = finished(first)
     assert text_of(first) == ""
     assert done.finish_reason == "tool_calls"
-    # Gemini gave no id, so the adapter made one up.
-    assert done.tool_calls == [ToolCall(id="call_0", name="get_weather", arguments={"city": "Paris"})]
+    # Gemini gave no id, so the adapter made one up; its thought signature is kept to be sent back.
+    signature = done.tool_calls[0].signature
+    assert isinstance(signature, str) and signature
+    assert done.tool_calls == [
+        ToolCall(id="call_0", name="get_weather", arguments={"city": "Paris"}, signature=signature)
+    ]
     assert fake.requests[0]["toolConfig"] == {
         "functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": ["get_weather"]}
     }
@@ -157,8 +162,9 @@ async def test_tool_call_round_trip(http: httpx.AsyncClient, fake: FakeGemini, s
     assert text_of(second).startswith("Here is a short answer about")
     model_turn, answer = fake.requests[1]["contents"][1:]
     assert model_turn["role"] == "model"
-    assert model_turn["parts"][0]["functionCall"] == {
-        "id": "call_0", "name": "get_weather", "args": {"city": "Paris"}
+    assert model_turn["parts"][0] == {
+        "functionCall": {"id": "call_0", "name": "get_weather", "args": {"city": "Paris"}},
+        "thoughtSignature": signature,
     }
     assert answer == {"role": "user", "parts": [{"functionResponse": {
         "id": "call_0", "name": "get_weather", "response": {"result": {"temp_c": 18, "sky": "sunny"}},
@@ -185,6 +191,11 @@ async def test_parallel_calls_keep_the_ids_gemini_gives(http: httpx.AsyncClient,
 
     # The fake, like Gemini, refuses unless both answers come in one content.
     assert finished(second).finish_reason == "stop"
+    # Gemini signs only the first of parallel calls; each goes back as it came.
+    first_sig, second_sig = (c.signature for c in done.tool_calls)
+    assert isinstance(first_sig, str) and first_sig and second_sig is msgspec.UNSET
+    model_parts = fake.requests[1]["contents"][1]["parts"]
+    assert [p.get("thoughtSignature") for p in model_parts] == [first_sig, None]
     answers = fake.requests[1]["contents"][2]["parts"]
     assert [a["functionResponse"]["response"] for a in answers] == [{"result": "18C"}, {"result": "24C"}]
 
@@ -363,3 +374,38 @@ def test_tool_result_without_a_call_is_refused() -> None:
         gemini.build(req, model=MODEL, base_url="http://x", api_key=None, headers={})
 
     assert info.value.code is ErrorCode.INVALID_REQUEST
+
+
+@pytest.mark.parametrize(
+    ("model", "rule", "sent"),
+    [
+        ("gemini-2.5-flash", None, {"temperature": 1.5}),
+        ("gemini-3-pro-preview", None, {"temperature": 1.5}),
+        # The config's rule (passed in) wins over the table.
+        ("gemini-2.5-flash", "max_1", {"temperature": 1.0}),
+        ("gemini-2.5-flash", "only_1", None),
+    ],
+)
+def test_temperature_follows_the_models_rule(
+    model: str, rule: Temperature | None, sent: dict[str, float] | None
+) -> None:
+    req = request(user("Hi"), temperature=1.5)
+    body = gemini.build(req, model=model, base_url="http://x", api_key=None, headers={}, temperature_rule=rule).body
+    assert body.get("generationConfig") == sent
+
+
+def test_a_streamed_signature_comes_back_on_its_call() -> None:
+    parser = gemini.stream_parser()
+    part = {"functionCall": {"name": "get_weather", "args": {"city": "Oslo"}}, "thoughtSignature": "c2ln"}
+    for parts, reason in (([{"text": ""}], {}), ([part], {"finishReason": "STOP"})):
+        candidate = {"content": {"role": "model", "parts": parts}, **reason}
+        parser.feed(SSEvent(event="message", data=json.dumps({"candidates": [candidate]})))
+    (done,) = parser.close()
+    assert isinstance(done, Finished)
+    assert done.tool_calls == [ToolCall(id="call_0", name="get_weather", arguments={"city": "Oslo"}, signature="c2ln")]
+
+    replay = request(user("Oslo?"), Message(role="assistant", tool_calls=done.tool_calls),
+                     Message(role="tool", tool_call_id="call_0", content="4C"))
+    body = gemini.build(replay, model="gemini-3-pro-preview", base_url="http://x", api_key=None, headers={}).body
+    contents: Any = body["contents"]
+    assert contents[1]["parts"] == [{**part, "functionCall": {"id": "call_0", **part["functionCall"]}}]

@@ -83,6 +83,27 @@ CASES: dict[str, Request] = {
         tool_choice="auto",
         stream=True,
     ),
+    "tool_conversation_signed": request(
+        # Calls Gemini made carry its thought signatures, which go back as they came: on the first of
+        # the parallel calls only. The last step's call came from elsewhere and gets the skip value.
+        Message(role="user", content="Weather and local time in Paris?"),
+        Message(role="assistant", tool_calls=[
+            ToolCall(id="call_0", name="get_weather", arguments={"city": "Paris"}, signature="c2lnLXN0ZXAtMQ=="),
+            ToolCall(id="call_1", name="get_local_time", arguments={"city": "Paris"}),
+        ]),
+        Message(role="tool", tool_call_id="call_0", content='{"temp_c": 18}'),
+        Message(role="tool", tool_call_id="call_1", content="14:05"),
+        Message(role="assistant", content="Checking Rome too.", tool_calls=[
+            ToolCall(id="call_2", name="get_weather", arguments={"city": "Rome"}, signature="c2lnLXN0ZXAtMg=="),
+        ]),
+        Message(role="tool", tool_call_id="call_2", content='{"temp_c": 24}'),
+        Message(role="assistant", tool_calls=[
+            ToolCall(id="call_3", name="get_local_time", arguments={"city": "Rome"}),
+        ]),
+        Message(role="tool", tool_call_id="call_3", content="14:05"),
+        tools=[WEATHER, LOCAL_TIME],
+        temperature=1.5,
+    ),
 }
 
 

@@ -10,6 +10,7 @@ import httpx
 import msgspec
 import pytest
 
+from router.config import Temperature
 from router.errors import ErrorCode, ProviderFailure, StreamBroken
 from router.pricing import cost_usd
 from router.providers import openai as adapter
@@ -473,3 +474,27 @@ def test_arguments_sent_as_an_object_are_accepted() -> None:
     *_, fin = adapter.parse_response(ARGS_AS_OBJECT)
     assert isinstance(fin, Finished)
     assert [(c.name, c.arguments) for c in fin.tool_calls] == [("f", {"city": "Paris"})]
+
+
+# --- temperature rules ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "rule", "sent"),
+    [
+        ("gpt-4o", None, 1.5),
+        # Reasoning models refuse any temperature but 1: the request's is left out.
+        ("o3-mini", None, None),
+        ("gpt-5-mini-2025-08-07", None, None),
+        # An Anthropic model behind an OpenAI-compatible gateway keeps Anthropic's cap.
+        ("anthropic/claude-sonnet-4-5", None, 1.0),
+        # The config's rule (passed in) wins over the table, also for a model the table does not know.
+        ("my-local-reasoner", "only_1", None),
+        ("o3", "any", 1.5),
+    ],
+)
+def test_temperature_follows_the_models_rule(model: str, rule: Temperature | None, sent: float | None) -> None:
+    req = request(user("Hi"), temperature=1.5)
+    body = adapter.build(req, model=model, base_url="https://api.openai.com/v1", api_key=KEY, headers={},
+                         temperature_rule=rule).body
+    assert body.get("temperature") == sent

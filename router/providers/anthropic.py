@@ -10,6 +10,8 @@ import httpx
 
 from schemas import ImagePart, Message, NamedToolChoice, Request, TextPart, ToolCall, Usage
 
+from .. import models
+from ..config import Temperature
 from ..errors import ErrorCode, ProviderFailure, StreamBroken
 from .base import Event, Finished, HttpCall, TextDelta, error_body, event_json, retry_after_ms
 from .sse import SSEvent
@@ -111,8 +113,16 @@ def _messages(messages: list[Message]) -> tuple[list[str], list[dict[str, object
 
 
 def build(
-    req: Request, *, model: str, base_url: str, api_key: str | None, headers: Mapping[str, str]
+    req: Request,
+    *,
+    model: str,
+    base_url: str,
+    api_key: str | None,
+    headers: Mapping[str, str],
+    temperature_rule: Temperature | None = None,
 ) -> HttpCall:
+    """The HTTP call for `req`. `temperature_rule` is the config's rule for `model`
+    (`router.models.model_info(...).temperature`); without it, the built-in table's."""
     system, messages = _messages(req.messages)
     body: dict[str, object] = {
         "model": model,
@@ -123,8 +133,12 @@ def build(
         body["system"] = system[0]
     elif system:
         body["system"] = [{"type": "text", "text": s} for s in system]
-    if req.temperature is not None:
-        body["temperature"] = min(req.temperature, _MAX_TEMPERATURE)
+    temperature = models.clamp_temperature(
+        temperature_rule or models.temperature_rule(format, model), req.temperature
+    )
+    if temperature is not None:
+        # The API caps every model at 1, whatever the config says of it.
+        body["temperature"] = min(temperature, _MAX_TEMPERATURE)
     if req.tools:
         tools: list[dict[str, object]] = []
         for t in req.tools:

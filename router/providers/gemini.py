@@ -13,6 +13,8 @@ import httpx
 
 from schemas import ImagePart, Message, NamedToolChoice, Request, TextPart, ToolCall, Usage
 
+from .. import models
+from ..config import Temperature
 from ..errors import ErrorCode, ProviderFailure, StreamBroken
 from .base import Event, Finished, HttpCall, TextDelta, error_body, event_json, retry_after_ms
 from .sse import SSEvent
@@ -49,9 +51,9 @@ _IMAGE_TYPES = {
     ".heif": "image/heif",
 }
 
-# Our tool calls carry no Gemini thought signature, and Gemini 3 models refuse a replayed
-# functionCall without one (400). Google documents this value for function calls the model
-# did not itself produce (another provider's turns, rebuilt histories).
+# Gemini 3 models refuse a replayed step whose first functionCall has no thought signature (400).
+# A call Gemini made carries its own (`ToolCall.signature`); for one it did not make (another
+# provider's turn, a rebuilt history) Google documents this value instead.
 _FOREIGN_SIGNATURE = "skip_thought_signature_validator"
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[^;,]*)(?:;[^;,]*)*;base64,(?P<data>.*)$", re.DOTALL)
@@ -145,8 +147,12 @@ def _contents(messages: list[Message]) -> tuple[list[dict[str, object]], list[di
             fc: dict[str, object] = {
                 "functionCall": {"id": call.id, "name": call.name, "args": call.arguments}
             }
-            if i == 0:
-                fc["thoughtSignature"] = _FOREIGN_SIGNATURE
+            # Of parallel calls Gemini signs only the first; the others go back as they came.
+            signature = call.signature if isinstance(call.signature, str) and call.signature else None
+            if signature is None and i == 0:
+                signature = _FOREIGN_SIGNATURE
+            if signature is not None:
+                fc["thoughtSignature"] = signature
             parts.append(fc)
         if parts:
             contents.append({"role": "model" if msg.role == "assistant" else "user", "parts": parts})
@@ -162,9 +168,19 @@ def _declaration(name: str, description: str, parameters: dict[str, object]) -> 
 
 
 def build(
-    req: Request, *, model: str, base_url: str, api_key: str | None, headers: Mapping[str, str]
+    req: Request,
+    *,
+    model: str,
+    base_url: str,
+    api_key: str | None,
+    headers: Mapping[str, str],
+    temperature_rule: Temperature | None = None,
 ) -> HttpCall:
-    """The HTTP call for `req`. Raises ProviderFailure(INVALID_REQUEST) for a tool result with no call."""
+    """The HTTP call for `req`. Raises ProviderFailure(INVALID_REQUEST) for a tool result with no call.
+
+    `temperature_rule` is the config's rule for `model` (`router.models.model_info(...).temperature`);
+    without it, the built-in table's.
+    """
     system, contents = _contents(req.messages)
     body: dict[str, object] = {"contents": contents}
     if system:
@@ -181,8 +197,11 @@ def build(
     config: dict[str, object] = {}
     if req.max_tokens is not None:
         config["maxOutputTokens"] = req.max_tokens
-    if req.temperature is not None:
-        config["temperature"] = req.temperature
+    temperature = models.clamp_temperature(
+        temperature_rule or models.temperature_rule(format, model), req.temperature
+    )
+    if temperature is not None:
+        config["temperature"] = temperature
     if config:
         body["generationConfig"] = config
     h = {"content-type": "application/json", **headers}
@@ -250,19 +269,22 @@ class _Answer:
             if part.get("text"):
                 out.append(TextDelta(str(part["text"])))
             if "functionCall" in part:
-                self.calls.append(self._call(part["functionCall"]))
+                self.calls.append(self._call(part["functionCall"], part.get("thoughtSignature")))
         reason = cand.get("finishReason")
         if reason:
             self.finish = _FINISH.get(str(reason), "error")
         return out
 
-    def _call(self, fc: Any) -> ToolCall:
+    def _call(self, fc: Any, signature: Any) -> ToolCall:
         if not isinstance(fc, dict) or not fc.get("name"):
             raise ValueError("a functionCall without a name")
         args = fc.get("args") or {}
         if not isinstance(args, dict):
             raise ValueError("functionCall args is not an object")
-        return ToolCall(id=fc.get("id") or f"call_{len(self.calls)}", name=str(fc["name"]), arguments=args)
+        call = ToolCall(id=fc.get("id") or f"call_{len(self.calls)}", name=str(fc["name"]), arguments=args)
+        if isinstance(signature, str) and signature:
+            call.signature = signature
+        return call
 
     def finished(self) -> Finished:
         finish = self.finish or "stop"

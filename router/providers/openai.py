@@ -9,6 +9,8 @@ import httpx
 
 from schemas import ImagePart, Message, NamedToolChoice, Request, TextPart, ToolCall, Usage
 
+from .. import models
+from ..config import Temperature
 from ..errors import ErrorCode, ProviderFailure, StreamBroken
 from .base import Event, Finished, HttpCall, TextDelta, error_body, event_json, retry_after_ms
 from .sse import SSEvent
@@ -62,13 +64,24 @@ def _max_tokens_field(base_url: str) -> str:
 
 
 def build(
-    req: Request, *, model: str, base_url: str, api_key: str | None, headers: Mapping[str, str]
+    req: Request,
+    *,
+    model: str,
+    base_url: str,
+    api_key: str | None,
+    headers: Mapping[str, str],
+    temperature_rule: Temperature | None = None,
 ) -> HttpCall:
+    """The HTTP call for `req`. `temperature_rule` is the config's rule for `model`
+    (`router.models.model_info(...).temperature`); without it, the built-in table's."""
     body: dict[str, object] = {"model": model, "messages": [_message(m) for m in req.messages]}
     if req.max_tokens is not None:
         body[_max_tokens_field(base_url)] = req.max_tokens
-    if req.temperature is not None:
-        body["temperature"] = req.temperature
+    temperature = models.clamp_temperature(
+        temperature_rule or models.temperature_rule(format, model), req.temperature
+    )
+    if temperature is not None:
+        body["temperature"] = temperature
     if req.tools:
         body["tools"] = [
             {
