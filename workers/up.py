@@ -36,6 +36,7 @@ import msgspec
 import structlog
 
 from router import config as config_mod
+from router import pricing
 from router.config import Config
 from router.providers.fakes import FakeOpenAI, Scenario
 
@@ -264,6 +265,10 @@ async def up(stop: asyncio.Event, *, config_path: str | None, data_dir: Path, na
             f" {running.nats_url}); stop it first, or use another --data-dir"
         )
     cfg = load_config(config_path)
+    for target in pricing.unpriced_targets(cfg):
+        model = target.partition(":")[2]
+        say(f'no price for {target}: its cost is recorded as null; give [models."{model}"]'
+            " input_usd_per_mtok and output_usd_per_mtok, or free = true")
     children: list[_Child] = []
     pg_server: Any = None
     demo: FakeOpenAI | None = None
