@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import re
 import warnings
-from functools import cache
-from typing import Literal, TypeVar
+from functools import lru_cache
+from typing import TypeVar
 
 import msgspec
 from genai_prices import data_snapshot
 
 from .config import Config, ModelConfig, Temperature
-
-Format = Literal["openai", "anthropic", "gemini"]
 
 # Where genai-prices keeps a wire format's own models.
 PRICES_PROVIDER: dict[str, str] = {"openai": "openai", "anthropic": "anthropic", "gemini": "google"}
@@ -104,7 +102,7 @@ _FORMAT_TEMPERATURE: dict[str, Temperature] = {"anthropic": "max_1"}
 _DATED = re.compile(r"(-\d{4}-\d{2}-\d{2}|-\d{8}|-\d{4}|-latest)$")
 
 
-def family(model: str) -> str | None:
+def _family(model: str) -> str | None:
     """The table key `model` belongs to, or None. A vendor prefix (`models/`, `openai/`) is ignored."""
     name = model.rsplit("/", 1)[-1].lower()
     while name:
@@ -115,7 +113,7 @@ def family(model: str) -> str | None:
     return None
 
 
-@cache
+@lru_cache(maxsize=1024)  # bounded: a forced model name comes from the request
 def _prices_window(fmt: str, model: str) -> int | None:
     provider = PRICES_PROVIDER.get(fmt)
     if provider is None:
@@ -137,15 +135,14 @@ def model_info(cfg: Config, fmt: str, model: str) -> ModelInfo:
     where it has one). A model neither knows is `known=False`, with every capability unknown.
     """
     own = cfg.models.get(model)
-    entry = table_entry(fmt, model)
+    entry = _table_entry(fmt, model)
+    known = entry is not None or own is not None
     if entry is None:
         entry = _Entry(None, None, vision=None, tools=None, temperature=_FORMAT_TEMPERATURE.get(fmt, "any"))
-        if own is None:
-            return ModelInfo(name=model, known=False, **msgspec.structs.asdict(entry))
     own = own or ModelConfig()
     return ModelInfo(
         name=model,
-        known=True,
+        known=known,
         context_window=_first(own.context_window, entry.context_window),
         max_output_tokens=_first(own.max_output_tokens, entry.max_output_tokens),
         vision=_first(own.vision, entry.vision),
@@ -154,9 +151,9 @@ def model_info(cfg: Config, fmt: str, model: str) -> ModelInfo:
     )
 
 
-def table_entry(fmt: str, model: str) -> _Entry | None:
+def _table_entry(fmt: str, model: str) -> _Entry | None:
     """The built-in entry for `model`, its context window taken from genai-prices when it has one."""
-    key = family(model)
+    key = _family(model)
     if key is None:
         return None
     entry = _TABLE[key]
@@ -167,7 +164,7 @@ def table_entry(fmt: str, model: str) -> _Entry | None:
 def temperature_rule(fmt: str, model: str) -> Temperature:
     """The table's temperature rule (adapters have no config); for a model it does not know, the
     wire format's own (Anthropic's API caps every model at 1)."""
-    key = family(model)
+    key = _family(model)
     return _TABLE[key].temperature if key else _FORMAT_TEMPERATURE.get(fmt, "any")
 
 
