@@ -1,10 +1,15 @@
-"""Backoff between attempts on one target: pure, driven by the pool's RetryPolicy."""
+"""Retries on one target and the time each target of a chain may take: pure, driven by the pool's
+RetryPolicy and the request's deadline (docs/protocol.md, "Retries, fallback and time")."""
 
 from __future__ import annotations
 
 import random
 
 from .config import RetryPolicy
+
+MIN_SHARE_MS = 1000
+"""The least time a target is given while that much of the request's time is left, however many
+targets follow it: less is too short for any provider to answer."""
 
 
 def backoff_ms(
@@ -19,3 +24,37 @@ def backoff_ms(
     r = (rng or random).uniform(-spread, spread)
     ours = max(0, int(base + r))
     return max(ours, asked_ms or 0)
+
+
+def retry_delay_ms(
+    policy: RetryPolicy,
+    attempt: int,
+    *,
+    asked_ms: int | None,
+    left_ms: float,
+    rng: random.Random | None = None,
+) -> int | None:
+    """The wait before retry number `attempt` on the same target, or None to move on to the next target
+    at once: the provider asked for a wait longer than the pool's `max_ms`, or the wait would use up
+    `left_ms`, the time this target has left. A provider's wait is honoured only when it fits; it never
+    eats the time the rest of the chain needs."""
+    if asked_ms is not None and asked_ms > policy.max_ms:
+        return None
+    delay = backoff_ms(policy, attempt, asked_ms=asked_ms, rng=rng)
+    if delay >= left_ms:
+        return None
+    return delay
+
+
+def share_ms(pool_timeout_ms: int, left_ms: int, targets_left: int) -> int:
+    """How long the current target may take before the chain moves on to the next one.
+
+    An equal part of the request's remaining time among the targets still to try (this one
+    included), at least MIN_SHARE_MS, never more than the pool's `timeout_ms` or than what is left.
+    Time a target does not use goes to the ones after it. The last target gets all that is left
+    (up to its pool's timeout).
+    """
+    if left_ms <= 0:
+        return 0
+    equal = left_ms // max(1, targets_left)
+    return min(pool_timeout_ms, left_ms, max(equal, MIN_SHARE_MS))

@@ -7,8 +7,10 @@ Retry, breaker and fallback live outside them.
 
 from __future__ import annotations
 
+import email.utils
 import json
 from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, datetime
 from typing import Any, NamedTuple, Protocol
 
 import httpx
@@ -68,21 +70,30 @@ class Adapter(Protocol):
     def translate_error(self, status: int, headers: httpx.Headers, body: bytes) -> ProviderFailure: ...
 
 
-def retry_after_ms(headers: httpx.Headers) -> int | None:
-    """Delay asked for by `retry-after-ms` or `Retry-After` (seconds), if any."""
+def retry_after_ms(headers: httpx.Headers, *, now: datetime | None = None) -> int | None:
+    """Delay asked for by `retry-after-ms`, or `Retry-After` in seconds or as an HTTP date
+    (RFC 9110: `Wed, 21 Oct 2015 07:28:00 GMT`), if any. A date in the past asks for no wait."""
     ms = headers.get("retry-after-ms")
     if ms:
         try:
             return max(0, int(float(ms)))
-        except ValueError:
+        except (ValueError, OverflowError):
             pass
-    secs = headers.get("retry-after")
-    if secs:
-        try:
-            return max(0, int(float(secs) * 1000))
-        except ValueError:
-            return None
-    return None
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0, int(float(value) * 1000))
+    except (ValueError, OverflowError):
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # `-0000` parses as naive; HTTP dates are always UTC
+        when = when.replace(tzinfo=UTC)
+    wait = when - (now or datetime.now(UTC))
+    return max(0, int(wait.total_seconds() * 1000))
 
 
 def event_json(event: SSEvent) -> dict[str, Any]:
