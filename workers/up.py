@@ -231,6 +231,7 @@ def demo_config(cfg: Config, base_url: str) -> Config:
         "pools": {"demo": {"provider": "demo", "concurrency": 64}},
         "routes": routes,
         "limits": msgspec.to_builtins(cfg.limits),
+        "tiers": msgspec.to_builtins(cfg.tiers),
     })
 
 
