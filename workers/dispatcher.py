@@ -1,4 +1,4 @@
-"""The dispatcher: validates each request, picks its route and hands it to a pool."""
+"""The dispatcher: validates each request, picks its route (router/routing.py) and hands it to a pool."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from router.config import Config, parse_target
+from router.config import Config
 from router.errors import ErrorCode, SwitchyardError
+from router.routing import AlwaysHealthy, Health, Selection, select
 from schemas import (
+    Attempt,
     CompletionEvent,
     InvalidMessage,
     Request,
-    Target,
     WorkItem,
     decode_request,
     encode,
@@ -23,6 +24,7 @@ from schemas import (
 )
 from schemas.limits import id_problem
 
+from .accounts import AccountRoutes
 from .publish import Publisher, PublishRefused, now_ms, prompt_fingerprint
 from .pull import serve_pull
 from .runtime import MAX_DELIVER
@@ -37,54 +39,65 @@ class ReusedId(InvalidMessage):
 
 
 class Refusal(SwitchyardError):
-    """The dispatcher refuses a request; it is answered and dead-lettered."""
+    """The dispatcher refuses a request; it is answered and dead-lettered. `attempts` are the targets
+    it skipped, recorded in the completion event."""
+
+    def __init__(self, code: ErrorCode, message: str, *, attempts: list[Attempt] | None = None) -> None:
+        super().__init__(code, message)
+        self.attempts = attempts or []
 
 
-def choose_route(cfg: Config, req: Request) -> list[Target]:
-    """The ordered targets for a request. Raises Refusal(NO_ROUTE) when there are none."""
-    assert req.use_case is not None
-    targets = cfg.route(req.use_case, req.tier)
-    if targets is None:
-        raise Refusal(
-            ErrorCode.NO_ROUTE,
-            f"no route for use case {req.use_case!r} (configured: {', '.join(sorted(cfg.routes)) or 'none'})",
-        )
-    if req.model is not None:
-        return forced_targets(cfg, req.model, targets)
-    return targets
-
-
-def _names(cfg: Config, t: Target) -> tuple[str, ...]:
-    return (t.model, f"{t.pool}:{t.model}", f"{cfg.pools[t.pool].provider}:{t.model}")
-
-
-def forced_targets(cfg: Config, model: str, route: list[Target]) -> list[Target]:
-    """The targets for a request that forces `model` (`provider:model`, `pool:model` or a bare model name):
-    those of its own route first; else the first target anywhere in the config that serves it."""
-    chosen = [t for t in route if model in _names(cfg, t)]
-    if chosen:
-        return chosen
-    for tiers in cfg.routes.values():
-        for names in tiers.values():
-            for name in names:
-                t = parse_target(name)
-                if model in _names(cfg, t):
-                    return [t]
-    raise Refusal(ErrorCode.NO_ROUTE, f"model {model!r} is not served by any configured target")
+ACCOUNTS_START_S = 5.0
+"""How long a dispatcher with account routes waits for their first read before it serves anyway."""
 
 
 class Dispatcher:
-    def __init__(self, js: JetStreamContext, pub: Publisher, cfg: Config, *, concurrency: int = 256) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        pub: Publisher,
+        cfg: Config,
+        *,
+        concurrency: int = 256,
+        health: Health | None = None,
+        accounts: AccountRoutes | None = None,
+    ) -> None:
+        """`health` says which pools and providers can be called (default: all of them); `accounts`
+        holds the accounts' own routes, followed while `serve` runs (default: none)."""
         self.js = js
         self.pub = pub
         self.cfg = cfg
         self.prefix = cfg.subject_prefix
         self.concurrency = concurrency
+        self.health: Health = health if health is not None else AlwaysHealthy()
+        self.live_health = health is not None
+        self.accounts = accounts
 
     async def serve(self, stop: asyncio.Event) -> None:
-        log.info("dispatcher_started")
-        await serve_pull(self.pub.nc, "LLM_REQ", "dispatch", self.handle, stop, limit=self.concurrency,
-                         give_up=self.give_up, max_deliver=MAX_DELIVER)
+        async with asyncio.TaskGroup() as tg:
+            if self.accounts is not None:
+                tg.create_task(self.accounts.run(stop))
+                try:
+                    async with asyncio.timeout(ACCOUNTS_START_S):
+                        await self.accounts.loaded.wait()
+                except TimeoutError:
+                    log.warning("account_routes_not_loaded", waited_s=ACCOUNTS_START_S,
+                                effect="serving with the config's routes until PostgreSQL answers")
+            log.info("dispatcher_started", account_routes=self.accounts is not None)
+            await serve_pull(self.pub.nc, "LLM_REQ", "dispatch", self.handle, stop, limit=self.concurrency,
+                             give_up=self.give_up, max_deliver=MAX_DELIVER)
+
+    def select(self, req: Request) -> Selection:
+        """The chain for an accepted request. Raises Refusal (with the skipped targets) when it is empty."""
+        assert req.use_case is not None
+        own = self.accounts.lookup(req.account, req.use_case, req.tier) if self.accounts is not None else None
+        selection = select(self.cfg, req, self.health, account_route=own, now_ms=now_ms())
+        if selection.code is not None:
+            raise Refusal(selection.code, selection.message, attempts=selection.attempts())
+        if selection.skipped:
+            log.debug("targets_skipped", request_id=req.id, account=req.account,
+                      skipped=[str(s) for s in selection.skipped])
+        return selection
 
     async def handle(self, msg: Msg) -> None:
         """One request: the error boundary for what a request can cause. What escapes it (NATS failing
@@ -98,8 +111,9 @@ class Dispatcher:
                     " (names of 1-128 characters from A-Z a-z 0-9 _ -)"
                 )
             req = decode_request(msg.data, use_case=use_case, account=account, max_payload=self.pub.nc.max_payload)
-            route = choose_route(self.cfg, req)
-            work = encode(WorkItem(request=req, route=route, accepted_ms=now_ms()))
+            selection = self.select(req)
+            route = selection.chain
+            work = encode(WorkItem(request=req, route=route, attempts=selection.attempts(), accepted_ms=now_ms()))
             headers = {"Nats-Msg-Id": f"{req.account}:{req.id}"}
             try:
                 self.pub.check(f"{self.prefix}.work.{route[0].pool}", work, headers)
@@ -193,6 +207,7 @@ class Dispatcher:
             code=err.code.value,
             started_ms=t,
             finished_ms=t,
+            attempts=err.attempts if isinstance(err, Refusal) else [],
             prompt_chars=chars,
             prompt_sha256=digest,
             metadata=req.metadata if req else {},

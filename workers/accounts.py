@@ -1,0 +1,223 @@
+"""Accounts' own routes, from PostgreSQL's `llm_account_routes` (workers/migrations/003).
+
+An account may have its own route for a use case, for one tier or for every tier (`*`); the
+dispatcher tries it before the config's route (router/routing.py). Each dispatcher keeps the
+active rows in memory (`AccountRoutes`) and follows the table:
+
+- LISTEN on the channel `llm_account_routes`, which a trigger notifies at the commit of every
+  change: the whole table is read again (it holds a row per account and use case at most);
+- a `SELECT 1` every second on that connection, so a connection that died without a word is
+  noticed, replaced and the table read again;
+- a full read every 30 s whatever happens, as a safety net.
+
+So a dispatcher is at most about two seconds behind the table while PostgreSQL can be reached.
+When it cannot, the dispatcher keeps serving with the routes it last read and tries again with a
+backoff. Without DATABASE_URL a dispatcher runs with no account routes at all, and says so once
+in its log (`account_routes_off`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import msgspec
+import structlog
+
+from router.config import parse_target
+from router.routing import AccountRoute
+
+from .db import migrate
+
+log = structlog.get_logger("accounts")
+
+CHANNEL = "llm_account_routes"
+ALL_TIERS = "*"
+PING_S = 1.0
+RELOAD_S = 30.0
+QUERY_S = 5.0
+RETRY_S = (1.0, 10.0)
+"""The backoff between attempts to reach PostgreSQL: from the first to the last, doubling."""
+
+_COLUMNS = "account, use_case, tier, targets, key_ref, active, updated_at"
+
+
+class RouteRow(msgspec.Struct, kw_only=True):
+    """One row of `llm_account_routes`, as `switchyard accounts route list --json` prints it."""
+
+    account: str
+    use_case: str
+    tier: str
+    targets: list[str]
+    key_ref: str | None
+    active: bool
+    updated_at: datetime
+
+
+def _row(record: Any) -> RouteRow:
+    return RouteRow(
+        account=record["account"], use_case=record["use_case"], tier=record["tier"], targets=list(record["targets"]),
+        key_ref=record["key_ref"], active=record["active"], updated_at=record["updated_at"],
+    )
+
+
+def to_route(row: RouteRow) -> AccountRoute | None:
+    """The row as a route; None (logged) when a target is not `pool:model` (written by hand)."""
+    try:
+        targets = [parse_target(t) for t in row.targets]
+    except ValueError as exc:
+        log.warning("account_route_ignored", account=row.account, use_case=row.use_case, tier=row.tier,
+                    error=str(exc))
+        return None
+    return AccountRoute(account=row.account, use_case=row.use_case, tier=row.tier, targets=targets,
+                        key_ref=row.key_ref)
+
+
+Table = dict[tuple[str, str], dict[str, AccountRoute]]
+
+
+def _table(rows: Sequence[RouteRow]) -> Table:
+    table: Table = {}
+    for row in rows:
+        route = to_route(row)
+        if route is not None:
+            table.setdefault((row.account, row.use_case), {})[row.tier] = route
+    return table
+
+
+def _pick(tiers: dict[str, AccountRoute] | None, tier: str) -> AccountRoute | None:
+    if tiers is None:
+        return None
+    return tiers.get(tier) or tiers.get(ALL_TIERS)
+
+
+async def rows(conn: asyncpg.Connection, account: str | None = None, *, active_only: bool = False) -> list[RouteRow]:
+    """Every row (of one account), ordered by account, use case and tier."""
+    where = ["($1::text IS NULL OR account = $1)"]
+    if active_only:
+        where.append("active")
+    sql = f"SELECT {_COLUMNS} FROM llm_account_routes WHERE {' AND '.join(where)} ORDER BY account, use_case, tier"
+    return [_row(r) for r in await conn.fetch(sql, account)]
+
+
+async def find(conn: asyncpg.Connection, account: str, use_case: str, tier: str) -> AccountRoute | None:
+    """The active route an account's request of this use case and tier follows: its tier's, else `*`'s."""
+    records = await conn.fetch(
+        f"SELECT {_COLUMNS} FROM llm_account_routes"
+        " WHERE account = $1 AND use_case = $2 AND tier IN ($3, '*') AND active",
+        account, use_case, tier,
+    )
+    return _pick(_table([_row(r) for r in records]).get((account, use_case)), tier)
+
+
+async def put(conn: asyncpg.Connection, account: str, use_case: str, tier: str, targets: list[str]) -> bool:
+    """Set (and activate) a route. True when it replaced one."""
+    replaced: bool = await conn.fetchval(
+        "INSERT INTO llm_account_routes (account, use_case, tier, targets) VALUES ($1, $2, $3, $4)"
+        " ON CONFLICT (account, use_case, tier) DO UPDATE SET targets = EXCLUDED.targets, active = true"
+        " RETURNING xmax <> 0",
+        account, use_case, tier, targets,
+    )
+    return replaced
+
+
+async def delete(conn: asyncpg.Connection, account: str, use_case: str, tier: str) -> bool:
+    """True when there was such a route."""
+    status: str = await conn.execute(
+        "DELETE FROM llm_account_routes WHERE account = $1 AND use_case = $2 AND tier = $3", account, use_case, tier
+    )
+    return status != "DELETE 0"
+
+
+class AccountRoutes:
+    """The active account routes, in memory, following the table (see the module's docstring)."""
+
+    def __init__(self, database_url: str, *, ping_s: float = PING_S, reload_s: float = RELOAD_S) -> None:
+        self.url = database_url
+        self.ping_s = ping_s
+        self.reload_s = reload_s
+        self._table: Table = {}
+        self._changed = asyncio.Event()
+        self.loaded = asyncio.Event()
+        """Set once the table was read the first time."""
+
+    def lookup(self, account: str, use_case: str, tier: str) -> AccountRoute | None:
+        """The route for a request of this account, use case and tier: its tier's, else `*`'s, else None."""
+        return _pick(self._table.get((account, use_case)), tier)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Follow the table until `stop`; never raises but CancelledError."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._wake_on(stop))
+            delay, migrated, down = RETRY_S[0], False, False
+            while not stop.is_set():
+                try:
+                    conn = await asyncpg.connect(self.url, timeout=QUERY_S)
+                except Exception as exc:
+                    if not down:
+                        log.warning("account_routes_unreachable", error=repr(exc)[:300],
+                                    effect="requests follow the account routes read last")
+                    down = True
+                    await self._sleep(stop, delay)
+                    delay = min(delay * 2, RETRY_S[1])
+                    continue
+                try:
+                    if not migrated:
+                        await migrate(conn)
+                        migrated = True
+                    if down:
+                        log.info("account_routes_reachable")
+                    down, delay = False, RETRY_S[0]
+                    await self._follow(conn, stop)
+                except Exception as exc:
+                    log.warning("account_routes_lost", error=repr(exc)[:300])
+                    down = True
+                finally:
+                    conn.terminate()
+
+    async def _follow(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
+        def notified(*_args: object) -> None:
+            self._changed.set()
+
+        await conn.add_listener(CHANNEL, notified)
+        await self._reload(conn, stop)
+        last = time.monotonic()
+        while not stop.is_set():
+            try:
+                async with asyncio.timeout(self.ping_s):
+                    await self._changed.wait()
+            except TimeoutError:
+                pass
+            if stop.is_set():
+                return
+            if self._changed.is_set() or time.monotonic() - last >= self.reload_s:
+                await self._reload(conn, stop)
+                last = time.monotonic()
+            else:
+                async with asyncio.timeout(self.ping_s):
+                    await conn.fetchval("SELECT 1")
+
+    async def _reload(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
+        if not stop.is_set():
+            self._changed.clear()  # a change committed from now on notifies again
+        async with asyncio.timeout(QUERY_S):
+            table = _table(await rows(conn, active_only=True))
+        if table != self._table or not self.loaded.is_set():
+            log.info("account_routes_loaded", routes=sum(len(t) for t in table.values()))
+        self._table = table
+        self.loaded.set()
+
+    async def _wake_on(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self._changed.set()
+
+    async def _sleep(self, stop: asyncio.Event, seconds: float) -> None:
+        try:
+            async with asyncio.timeout(seconds):
+                await stop.wait()
+        except TimeoutError:
+            pass
