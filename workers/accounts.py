@@ -36,6 +36,8 @@ from .db import migrate
 log = structlog.get_logger("accounts")
 
 CHANNEL = "llm_account_routes"
+APPLICATION = "switchyard-account-routes"
+"""The listening connection's application_name, as pg_stat_activity shows it."""
 ALL_TIERS = "*"
 PING_S = 1.0
 RELOAD_S = 30.0
@@ -156,7 +158,8 @@ class AccountRoutes:
             delay, migrated, down = RETRY_S[0], False, False
             while not stop.is_set():
                 try:
-                    conn = await asyncpg.connect(self.url, timeout=QUERY_S)
+                    conn = await asyncpg.connect(self.url, timeout=QUERY_S,
+                                                 server_settings={"application_name": APPLICATION})
                 except Exception as exc:
                     if not down:
                         log.warning("account_routes_unreachable", error=repr(exc)[:300],
