@@ -319,7 +319,7 @@ def _own_route(cfg: Config, want: Needs) -> tuple[list[Target], Source]:
     tiers = cfg.routes.get(want.use_case)
     if tiers is None:
         return [], Source.NONE
-    names = tiers.get(want.tier)
+    names = tiers.get(want.tier) if want.tier != "default" else None
     if names:
         return [parse_target(n) for n in names], Source.TIER_ROUTE
     names = tiers.get("default")

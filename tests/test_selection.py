@@ -113,6 +113,7 @@ def test_a_tier_without_its_own_route_takes_the_use_cases_default() -> None:
     s = pick(req("draft", "free"))
     assert chain(s) == ["anthropic:claude-haiku-4-5", "openai:gpt-4o-mini"]
     assert s.source is Source.DEFAULT_ROUTE
+    assert pick(req("draft", "default")).source is Source.DEFAULT_ROUTE
 
 
 @pytest.mark.parametrize(("use_case", "tier", "said"), [
