@@ -360,10 +360,9 @@ def _serves(cfg: Config, t: Target, model: str) -> bool:
 
 
 def _every_target(cfg: Config) -> Iterable[Target]:
-    for tiers in cfg.routes.values():
-        for names in tiers.values():
-            for name in names:
-                yield parse_target(name)
+    # The same few targets recur in every use case and tier: parse each once.
+    names = dict.fromkeys(name for tiers in cfg.routes.values() for route in tiers.values() for name in route)
+    return (parse_target(name) for name in names)
 
 
 def _unique(targets: Iterable[Target]) -> list[Target]:
