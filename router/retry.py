@@ -46,15 +46,15 @@ def retry_delay_ms(
     return delay
 
 
-def share_ms(pool_timeout_ms: int, left_ms: int, targets_left: int) -> int:
-    """How long the current target may take before the chain moves on to the next one.
+def share_ms(left_ms: int, targets_left: int) -> int:
+    """How long the current target may take, all its tries together, before the chain moves on.
 
     An equal part of the request's remaining time among the targets still to try (this one
-    included), at least MIN_SHARE_MS, never more than the pool's `timeout_ms` or than what is left.
-    Time a target does not use goes to the ones after it. The last target gets all that is left
-    (up to its pool's timeout).
+    included), at least MIN_SHARE_MS, never more than what is left. Time a target does not use
+    goes to the ones after it; the last target gets all that is left. Each try within the share
+    is bounded by the pool's own `timeout_ms` as well (the provider's silence between bytes).
     """
     if left_ms <= 0:
         return 0
     equal = left_ms // max(1, targets_left)
-    return min(pool_timeout_ms, left_ms, max(equal, MIN_SHARE_MS))
+    return min(left_ms, max(equal, MIN_SHARE_MS))

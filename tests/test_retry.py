@@ -88,23 +88,22 @@ def test_a_wait_longer_than_the_time_left_moves_on() -> None:
 
 
 def test_each_target_gets_an_equal_share_of_what_is_left() -> None:
-    assert share_ms(60_000, 60_000, 3) == 20_000
-    assert share_ms(60_000, 60_000, 2) == 30_000
-    assert share_ms(60_000, 59_000, 1) == 59_000  # the last target: all that is left
+    assert share_ms(60_000, 3) == 20_000
+    assert share_ms(60_000, 2) == 30_000
+    assert share_ms(59_000, 1) == 59_000  # the last target: all that is left
 
 
 def test_time_a_target_did_not_use_goes_to_the_next() -> None:
-    first = share_ms(60_000, 60_000, 3)
+    first = share_ms(60_000, 3)
     left = 60_000 - 1_000  # the first target failed after 1 s
-    assert first == 20_000 and share_ms(60_000, left, 2) == 29_500
+    assert first == 20_000 and share_ms(left, 2) == 29_500
 
 
-def test_the_share_never_passes_the_pool_timeout_or_what_is_left() -> None:
-    assert share_ms(5_000, 60_000, 2) == 5_000
-    assert share_ms(60_000, 800, 4) == 800  # the floor never gives more than is left
-    assert share_ms(60_000, 0, 2) == 0
-    assert share_ms(60_000, -5, 2) == 0
+def test_the_share_never_passes_what_is_left() -> None:
+    assert share_ms(800, 4) == 800  # the floor never gives more than is left
+    assert share_ms(0, 2) == 0
+    assert share_ms(-5, 2) == 0
 
 
 def test_the_share_has_a_floor_however_long_the_chain() -> None:
-    assert share_ms(60_000, 4_000, 10) == MIN_SHARE_MS
+    assert share_ms(4_000, 10) == MIN_SHARE_MS
