@@ -1,0 +1,364 @@
+"""The fleet's shared view of pool and provider health, in three JetStream KV buckets.
+
+- `llm_breakers`: key = pool, value = its breaker (router/breaker.py). Workers change it with
+  compare-and-set after a call that changes it, so every replica of a pool counts into one breaker;
+  a half-open probe slot is claimed the same way before the call.
+- `llm_credit`: key = provider, value = until when its credit counts as exhausted.
+- `llm_pools`: key = `<pool>.<worker>`, value = whether that worker has its provider's key; each worker
+  writes it at start and every REPORT_EVERY_S, and a report older than REPORT_TTL_MS is not believed,
+  so a pool with no live worker reads as unknown.
+
+HealthView keeps an in-memory copy of all three through KV watches, so the dispatcher (and each
+worker) asks synchronously per request, without a round trip. PoolHealth is a worker's writer for its
+own pool and provider. The functions at the end serve the CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import msgspec
+import structlog
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+
+from router import breaker
+from router.breaker import BreakerState, Ticket, Verdict
+from router.config import BreakerPolicy
+
+log = structlog.get_logger("health")
+
+BREAKERS = "llm_breakers"
+CREDIT = "llm_credit"
+POOLS = "llm_pools"
+REPORT_EVERY_S = 10.0
+REPORT_TTL_MS = 30_000
+"""A key report is believed this long: three missed reports and the worker counts as gone."""
+_CAS_TRIES = 32
+"""Compare-and-set attempts before a change is given up. Each conflict is another replica's change
+going through, and a breaker changes only a few times per counted failure before it opens and stops
+changing, so even a whole pool's calls failing at once settle well within this."""
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Credit(msgspec.Struct, kw_only=True, frozen=True):
+    """A provider said it has no credit left: its targets are skipped until `until_ms`."""
+
+    until_ms: int
+    since_ms: int
+    pool: str = ""
+    """The pool whose call found out."""
+
+
+class KeyReport(msgspec.Struct, kw_only=True, frozen=True):
+    pool: str
+    provider: str
+    has_key: bool
+    until_ms: int
+    """When this report stops being believed unless the worker writes it again."""
+
+
+T = TypeVar("T")
+
+
+async def _bucket(js: JetStreamContext, name: str, ttl_s: float | None = None) -> KeyValue:
+    try:
+        return await js.key_value(name)
+    except BucketNotFoundError:
+        # Every process may get here at once; the server takes identical configs as one.
+        return await js.create_key_value(
+            js_api.KeyValueConfig(bucket=name, history=1, ttl=ttl_s, storage=js_api.StorageType.FILE)
+        )
+
+
+async def ensure_buckets(js: JetStreamContext) -> tuple[KeyValue, KeyValue, KeyValue]:
+    """The breakers, credit and pools buckets, created when missing."""
+    # Old key reports are cleaned up by age; readers go by each report's own `until_ms`.
+    return await _bucket(js, BREAKERS), await _bucket(js, CREDIT), await _bucket(js, POOLS, ttl_s=300.0)
+
+
+class _Mirror(Generic[T]):
+    """A bucket's current values and revisions, kept up to date by a watch."""
+
+    def __init__(self, name: str, kv: KeyValue, decode: Callable[[bytes], T]) -> None:
+        self.name = name
+        self.kv = kv
+        self.decode = decode
+        self.values: dict[str, tuple[T, int]] = {}
+        self._watcher: KeyValue.KeyWatcher | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, *, follow: bool = True) -> None:
+        """Read the bucket (the watch's initial replay ends with None), then follow its changes."""
+        self._watcher = await self.kv.watchall()
+        async for entry in self._watcher:
+            if entry is None:
+                break
+            self._apply(entry)
+        if follow:
+            self._task = asyncio.create_task(self._follow(self._watcher))
+        else:
+            await self._watcher.stop()  # type: ignore[no-untyped-call]
+
+    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
+        async for entry in watcher:
+            if entry is not None:
+                self._apply(entry)
+
+    def _apply(self, entry: KeyValue.Entry) -> None:
+        rev = entry.revision or 0
+        held = self.values.get(entry.key)
+        if held is not None and held[1] >= rev:
+            return  # our own write, already applied when it was acknowledged
+        if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
+            self.values.pop(entry.key, None)
+            return
+        try:
+            self.values[entry.key] = (self.decode(entry.value), rev)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            log.warning("bad_health_value", bucket=self.name, key=entry.key)
+
+    def put_local(self, key: str, value: T, rev: int) -> None:
+        """A value this process stored: applied now rather than when the watch brings it back."""
+        held = self.values.get(key)
+        if held is None or held[1] < rev:
+            self.values[key] = (value, rev)
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            with contextlib.suppress(Exception):
+                await self._watcher.stop()  # type: ignore[no-untyped-call]
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+_credit_decoder = msgspec.json.Decoder(Credit)
+_report_decoder = msgspec.json.Decoder(KeyReport)
+
+
+class HealthView:
+    """What the fleet knows about each pool and provider, answered from memory.
+
+    Implements the routing's `Health` protocol: `pool_open`, `provider_exhausted`, `pool_has_key`.
+    """
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self.js = js
+        self._breakers: _Mirror[BreakerState] | None = None
+        self._credit: _Mirror[Credit] | None = None
+        self._pools: _Mirror[KeyReport] | None = None
+
+    async def start(self) -> None:
+        """Create the buckets when missing and load them; the view follows every change afterwards."""
+        breakers, credit, pools = await ensure_buckets(self.js)
+        self._breakers = _Mirror(BREAKERS, breakers, breaker.decode)
+        self._credit = _Mirror(CREDIT, credit, _credit_decoder.decode)
+        self._pools = _Mirror(POOLS, pools, _report_decoder.decode)
+        for mirror in (self._breakers, self._credit, self._pools):
+            await mirror.start()
+
+    async def stop(self) -> None:
+        for mirror in (self._breakers, self._credit, self._pools):
+            if mirror is not None:
+                await mirror.stop()
+
+    @property
+    def breakers(self) -> _Mirror[BreakerState]:
+        assert self._breakers is not None, "HealthView.start() first"
+        return self._breakers
+
+    @property
+    def credit(self) -> _Mirror[Credit]:
+        assert self._credit is not None, "HealthView.start() first"
+        return self._credit
+
+    @property
+    def pools(self) -> _Mirror[KeyReport]:
+        assert self._pools is not None, "HealthView.start() first"
+        return self._pools
+
+    def breaker(self, pool: str) -> tuple[BreakerState, int]:
+        """The pool's breaker and its revision (0: never written, which reads as closed)."""
+        return self.breakers.values.get(pool, (breaker.CLOSED, 0))
+
+    def pool_open(self, pool: str, now_ms: int) -> bool:
+        """True when the pool's breaker refuses calls now: open and cooling down, or half-open with
+        every probe slot taken."""
+        return breaker.refuses(self.breaker(pool)[0], now_ms)
+
+    def credit_until(self, provider: str, now_ms: int) -> int | None:
+        """Until when the provider counts as out of credit, or None when it does not."""
+        held = self.credit.values.get(provider)
+        if held is None or held[0].until_ms <= now_ms:
+            return None
+        return held[0].until_ms
+
+    def provider_exhausted(self, provider: str, now_ms: int) -> bool:
+        return self.credit_until(provider, now_ms) is not None
+
+    def pool_has_key(self, pool: str) -> bool | None:
+        """Whether the pool's live workers have their provider's key; None when no live worker has
+        reported (none runs, or none has for REPORT_TTL_MS)."""
+        now = now_ms()
+        live = [r for r, _ in self.pools.values.values() if r.pool == pool and r.until_ms > now]
+        if not live:
+            return None
+        return any(r.has_key for r in live)
+
+
+class PoolHealth:
+    """A worker's side: its pool's breaker (admission and outcomes), its provider's credit, its key report."""
+
+    def __init__(
+        self,
+        view: HealthView,
+        *,
+        pool: str,
+        policy: BreakerPolicy,
+        provider: str,
+        credit_cooldown_ms: int,
+        has_key: bool,
+    ) -> None:
+        self.view = view
+        self.pool = pool
+        self.policy = policy
+        self.provider = provider
+        self.credit_cooldown_ms = credit_cooldown_ms
+        self.has_key = has_key
+        self.report_key = f"{pool}.{uuid.uuid4().hex[:16]}"
+        self.log = log.bind(pool=pool)
+
+    async def start(self) -> None:
+        """Load the shared state and say whether this worker has its key, before the first call."""
+        await self.view.start()
+        await self._report()
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.view.pools.kv.delete(self.report_key)
+        await self.view.stop()
+
+    async def keep_reporting(self, stop: asyncio.Event) -> None:
+        """Write the key report every REPORT_EVERY_S until `stop` is set."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(REPORT_EVERY_S):
+                    await stop.wait()
+            if not stop.is_set():
+                await self._report()
+
+    async def _report(self) -> None:
+        report = KeyReport(pool=self.pool, provider=self.provider, has_key=self.has_key,
+                           until_ms=now_ms() + REPORT_TTL_MS)
+        try:
+            await self.view.pools.kv.put(self.report_key, msgspec.json.encode(report))
+        except Exception as exc:  # NATS away for a moment: the next report makes up for it
+            self.log.warning("key_report_failed", error=repr(exc))
+
+    # --- the breaker ---------------------------------------------------------------------------
+
+    async def admit(self, lease_ms: int) -> Ticket | None:
+        """A ticket for one call to the pool, or None when the breaker refuses it now. Closed costs no
+        round trip; claiming a half-open probe slot is a compare-and-set. Raises what NATS raises."""
+        token = uuid.uuid4().hex[:16]
+        state, rev = self.view.breaker(self.pool)
+        for _ in range(_CAS_TRIES):
+            decided = breaker.admit(state, self.policy, now_ms(), token=token, lease_ms=lease_ms)
+            if decided.state is None:
+                return decided.ticket
+            try:
+                await self._store(state, decided.state, rev)
+                return decided.ticket
+            except KeyWrongLastSequenceError:
+                state, rev = await self._read()
+        return None  # other replicas kept changing it: this call stays out rather than over-probe
+
+    async def record(self, ticket: Ticket, outcome: Verdict) -> None:
+        """Count one call's outcome; a write only when it changes the breaker. Raises what NATS raises."""
+        state, rev = self.view.breaker(self.pool)
+        for _ in range(_CAS_TRIES):
+            new = breaker.record(state, self.policy, now_ms(), ticket, outcome)
+            if new == state:
+                return
+            try:
+                await self._store(state, new, rev)
+                return
+            except KeyWrongLastSequenceError:
+                state, rev = await self._read()
+        self.log.warning("breaker_update_lost", outcome=outcome.value)
+
+    async def _store(self, old: BreakerState, new: BreakerState, rev: int) -> None:
+        kv = self.view.breakers.kv
+        stored = await kv.update(self.pool, breaker.encode(new), last=rev)
+        self.view.breakers.put_local(self.pool, new, stored)
+        if new.state != old.state:
+            self.log.warning(f"breaker_{new.state}", failures=new.failures, until_ms=new.until_ms or None)
+
+    async def _read(self) -> tuple[BreakerState, int]:
+        """The stored breaker, after a compare-and-set found the copy stale."""
+        try:
+            entry = await self.view.breakers.kv.get(self.pool)
+        except KeyNotFoundError:
+            return breaker.CLOSED, 0
+        rev = entry.revision or 0
+        try:
+            state = breaker.decode(entry.value or b"")
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            state = breaker.CLOSED  # overwritten by the next change
+        self.view.breakers.put_local(self.pool, state, rev)
+        return state, rev
+
+    # --- credit ----------------------------------------------------------------------------------
+
+    def credit_until(self) -> int | None:
+        return self.view.credit_until(self.provider, now_ms())
+
+    async def out_of_credit(self) -> int:
+        """Mark the provider out of credit for its cool-down (every pool, every replica); returns until when."""
+        now = now_ms()
+        credit = Credit(until_ms=now + self.credit_cooldown_ms, since_ms=now, pool=self.pool)
+        rev = await self.view.credit.kv.put(self.provider, msgspec.json.encode(credit))
+        self.view.credit.put_local(self.provider, credit, rev)
+        self.log.error("provider_credit_exhausted", provider=self.provider, until_ms=credit.until_ms)
+        return credit.until_ms
+
+
+# --- for the CLI ---------------------------------------------------------------------------------
+
+
+async def _read_all(js: JetStreamContext, bucket: str, decode: Callable[[bytes], T]) -> dict[str, T]:
+    try:
+        kv = await js.key_value(bucket)
+    except BucketNotFoundError:
+        return {}
+    mirror = _Mirror(bucket, kv, decode)
+    await mirror.start(follow=False)
+    return {key: value for key, (value, _) in mirror.values.items()}
+
+
+async def breaker_status(js: JetStreamContext) -> dict[str, BreakerState]:
+    """Every pool's stored breaker; a pool that has none has never left closed."""
+    return await _read_all(js, BREAKERS, breaker.decode)
+
+
+async def reset_breaker(js: JetStreamContext, pool: str) -> None:
+    """Close the pool's breaker now, whatever it was; a replica in the middle of a change re-reads it."""
+    kv = await _bucket(js, BREAKERS)
+    await kv.put(pool, breaker.encode(BreakerState(since_ms=now_ms())))
+
+
+async def credit_status(js: JetStreamContext) -> dict[str, Credit]:
+    """Each provider ever marked out of credit, with until when (past: it is back)."""
+    return await _read_all(js, CREDIT, _credit_decoder.decode)
