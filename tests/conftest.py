@@ -31,6 +31,7 @@ from router.providers.fakes import FakeOpenAI
 from workers.auditor import Auditor
 from workers.db import migrate
 from workers.dispatcher import Dispatcher
+from workers.health import HealthView
 from workers.processes import http_client
 from workers.progress import Progress, ensure_bucket
 from workers.provider import PoolWorker
@@ -159,6 +160,8 @@ class Fleet:
         self.db = db
         self.stop = asyncio.Event()
         self._conns: list[NATS] = []
+        self.health: HealthView | None = None
+        """The dispatcher's view of breakers, credit and keys."""
         self.task: asyncio.Task[None] | None = None
         """The fleet's task group: done only when stopped, or when a serve loop ended on an error."""
 
@@ -175,7 +178,9 @@ class Fleet:
         async with http_client() as http, asyncio.TaskGroup() as tg:
             dnc = await self._conn()
             djs = dnc.jetstream()
-            tg.create_task(Dispatcher(djs, Publisher(dnc, djs, prefix), self.cfg).serve(self.stop))
+            self.health = HealthView(djs)
+            await self.health.start()
+            tg.create_task(Dispatcher(djs, Publisher(dnc, djs, prefix), self.cfg, health=self.health).serve(self.stop))
             for pool in self.pools:
                 wnc = await self._conn()
                 wjs = wnc.jetstream()
@@ -191,6 +196,8 @@ class Fleet:
             started.set()
 
     async def close(self) -> None:
+        if self.health is not None:
+            await self.health.stop()
         for c in self._conns:
             await c.close()
 

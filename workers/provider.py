@@ -6,16 +6,18 @@ import asyncio
 import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import httpx
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from router import pricing, providers
+from router import breaker, pricing, providers
+from router.breaker import Ticket, Verdict
 from router.config import Config, PoolConfig, ProviderConfig
 from router.errors import ErrorCode, ProviderFailure, SwitchyardError
-from router.retry import backoff_ms
+from router.retry import retry_delay_ms, share_ms
 from schemas import (
     Attempt,
     Chunk,
@@ -29,6 +31,7 @@ from schemas import (
     encode,
 )
 
+from .health import HealthView, PoolHealth
 from .progress import Finished, Progress
 from .publish import Publisher, now_ms, prompt_fingerprint
 from .pull import serve_pull
@@ -36,6 +39,9 @@ from .runtime import MAX_DELIVER
 
 log = structlog.get_logger("worker")
 
+PROBE_MARGIN_MS = 1000
+"""Added to a probe's share of time for its slot's claim: the slot outlives the call it was claimed for
+only when the worker holding it is lost."""
 
 
 @dataclass
@@ -51,6 +57,14 @@ class _Outcome:
     first_token_ms: int | None = None
     cost_usd: float | None = None
     terminal_sent: bool = False
+
+
+@dataclass
+class _Held:
+    """The call in progress on this target, for when its share of the request's time runs out."""
+
+    ticket: Ticket | None = None
+    last: ProviderFailure | None = None
 
 
 class _Heartbeat:
@@ -107,7 +121,10 @@ class PoolWorker:
         progress: Progress,
         *,
         keepalive_s: float | None = None,
+        health: PoolHealth | None = None,
     ) -> None:
+        """`health` is the pool's shared breaker, its provider's credit and its key report (default: read
+        and written through `js`'s KV buckets)."""
         self.js = js
         self.pub = pub
         self.http = http
@@ -122,6 +139,11 @@ class PoolWorker:
         self.heartbeat = _Heartbeat(keepalive_s if keepalive_s is not None else self.pool.ack_wait_ms / 3000)
         self.progress = progress
         self.log = log.bind(pool=pool)
+        self.health = health or PoolHealth(
+            HealthView(js), pool=pool, policy=self.pool.breaker, provider=self.provider_name,
+            credit_cooldown_ms=self.provider.credit_cooldown_ms,
+            has_key=bool(self.api_key) or not self.provider.api_key_env,
+        )
 
     async def serve(self, stop: asyncio.Event) -> None:
         self.log.info("worker_started", provider=self.provider_name, concurrency=self.pool.concurrency)
@@ -129,10 +151,15 @@ class PoolWorker:
             self.log.warning("no_api_key", provider=self.provider_name, variable=self.provider.api_key_env,
                              effect="every request is refused with UNAUTHORIZED and falls back to the next target")
         consumer = f"pool-{self.pool_name}"
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.heartbeat.run(stop))
-            await serve_pull(self.pub.nc, "LLM_WORK", consumer, self.handle, stop, limit=self.pool.concurrency,
-                             give_up=self.give_up, max_deliver=MAX_DELIVER)
+        await self.health.start()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.heartbeat.run(stop))
+                tg.create_task(self.health.keep_reporting(stop))
+                await serve_pull(self.pub.nc, "LLM_WORK", consumer, self.handle, stop, limit=self.pool.concurrency,
+                                 give_up=self.give_up, max_deliver=MAX_DELIVER)
+        finally:
+            await self.health.stop()
 
     async def handle(self, msg: Msg) -> None:
         """One work item: the error boundary for what a request can cause. What escapes it (NATS failing
@@ -215,7 +242,7 @@ class PoolWorker:
         failure: SwitchyardError | None = None
         try:
             async with asyncio.timeout(max(0.0, (deadline_ms - started) / 1000)) as budget:
-                failure = await self._call_with_retries(req, target.model, out)
+                failure = await self._call_with_retries(req, target.model, out, deadline_ms, len(work.route))
         except TimeoutError:
             if not budget.expired():
                 raise  # a NATS or HTTP timeout inside, not the request's own deadline
@@ -278,16 +305,15 @@ class PoolWorker:
             and failure.code not in (ErrorCode.INVALID_REQUEST, ErrorCode.TIMEOUT)
         )
 
-    async def _call_with_retries(self, req: Request, model: str, out: _Outcome) -> ProviderFailure | None:
-        """Call the provider, retrying retryable failures until a chunk went out. Returns the last failure."""
-        policy = self.pool.retry
-        if self.provider.api_key_env and not self.api_key:
-            return ProviderFailure(
-                ErrorCode.UNAUTHORIZED,
-                f"no API key for provider {self.provider_name!r}: set {self.provider.api_key_env} in the environment"
-                f" of pool {self.pool_name!r}'s workers",
-                retry=False,
-            )
+    async def _call_with_retries(
+        self, req: Request, model: str, out: _Outcome, deadline_ms: int, targets_left: int
+    ) -> ProviderFailure | None:
+        """Call the provider within this target's share of the request's time, retrying retryable failures
+        until a chunk went out. Returns the last failure; the share running out is one (PROVIDER_ERROR, so
+        the next target is tried), the request's own deadline is left to the caller (TIMEOUT)."""
+        refused = self._refusal()
+        if refused is not None:
+            return refused
         try:
             call = self.adapter.build(
                 req, model=model, base_url=self.provider.base_url, api_key=self.api_key, headers=self.provider.headers
@@ -301,32 +327,131 @@ class PoolWorker:
                 f"the request could not be translated for the {self.provider.format} API ({type(exc).__name__})",
                 retry=False,
             )
+        left = deadline_ms - now_ms()
+        share = share_ms(left, targets_left)
+        # A share that ends with the request is left to the request's own deadline: TIMEOUT, no fallback.
+        ends = asyncio.get_running_loop().time() + share / 1000 if share < left else None
+        held = _Held()
+        try:
+            async with asyncio.timeout_at(ends) as share_cm:
+                return await self._tries(req, call, out, share_cm, deadline_ms, held)
+        except TimeoutError:
+            if not share_cm.expired():
+                raise  # a NATS or HTTP timeout inside, not this target's share
+        if held.ticket is None and held.last is not None:
+            return held.last  # the share ran out between two tries
+        if held.ticket is not None:
+            await self._record(held.ticket, Verdict.FAILURE)
+        return ProviderFailure(
+            ErrorCode.PROVIDER_ERROR,
+            f"pool {self.pool_name!r} did not answer within {share} ms, its share of the request's time"
+            f" ({targets_left} targets left)",
+            retry=False,
+        )
+
+    def _refusal(self) -> ProviderFailure | None:
+        """Why this worker will not call its provider at all now, if it will not."""
+        if self.provider.api_key_env and not self.api_key:
+            return ProviderFailure(
+                ErrorCode.UNAUTHORIZED,
+                f"no API key for provider {self.provider_name!r}: set {self.provider.api_key_env} in the environment"
+                f" of pool {self.pool_name!r}'s workers",
+                retry=False,
+            )
+        until = self.health.credit_until()
+        if until is not None:
+            return ProviderFailure(
+                ErrorCode.PROVIDER_UNAVAILABLE,
+                f"provider {self.provider_name!r} is out of credit until"
+                f" {datetime.fromtimestamp(until / 1000, UTC):%H:%M:%S} UTC",
+                retry=False,
+            )
+        return None
+
+    async def _tries(
+        self, req: Request, call: providers.HttpCall, out: _Outcome, share: asyncio.Timeout, deadline_ms: int,
+        held: _Held,
+    ) -> ProviderFailure | None:
+        policy = self.pool.retry
         timeout = httpx.Timeout(connect=5.0, read=self.pool.timeout_ms / 1000, write=10.0, pool=5.0)
         for attempt in range(policy.attempts):
+            ticket = await self._admit(int(self._left_ms(share, deadline_ms)) + PROBE_MARGIN_MS)
+            if ticket is None:
+                # After a failed try, that failure says more than the breaker it opened.
+                return held.last or ProviderFailure(
+                    ErrorCode.PROVIDER_UNAVAILABLE, f"breaker open for pool {self.pool_name!r}", retry=False
+                )
+            held.ticket = ticket
             try:
-                async for ev in providers.run(self.http, self.adapter, call, stream=req.stream, timeout=timeout):
-                    match ev:
-                        case providers.TextDelta(text=text):
-                            await self._text(req, out, text)
-                        case providers.Finished() as fin:
-                            out.finish_reason = fin.finish_reason
-                            out.usage = fin.usage
-                            out.raw_usage = fin.raw_usage
-                            out.tool_calls = fin.tool_calls
-                return None
+                await self._call(req, call, out, share, timeout)
             except ProviderFailure as failure:
-                if failure.code is ErrorCode.UNAUTHORIZED and self.provider.api_key_env:
-                    failure.message += f" for provider {self.provider_name!r}: check {self.provider.api_key_env}"
-                if failure.credit_exhausted:
-                    # Concerns every pool of this provider; acting on it is the router's job.
-                    self.log.error("provider_credit_exhausted", provider=self.provider_name, request_id=req.id)
+                held.ticket, held.last = None, failure
+                await self._failed(req, ticket, failure)
                 if not failure.retry or out.seq > 0 or attempt == policy.attempts - 1:
                     return failure
-                delay = backoff_ms(policy, attempt, asked_ms=failure.retry_after_ms)
+                delay = retry_delay_ms(policy, attempt, asked_ms=failure.retry_after_ms,
+                                       left_ms=self._left_ms(share, deadline_ms))
+                if delay is None:
+                    self.log.info("not_retrying", request_id=req.id, code=failure.code.value,
+                                  asked_ms=failure.retry_after_ms, max_ms=policy.max_ms,
+                                  left_ms=int(self._left_ms(share, deadline_ms)))
+                    return failure
                 self.log.info("retrying", request_id=req.id, code=failure.code.value, delay_ms=delay,
                               http_status=failure.http_status)
                 await asyncio.sleep(delay / 1000)
+            else:
+                held.ticket = None
+                await self._record(ticket, Verdict.SUCCESS)
+                return None
         raise AssertionError("unreachable: the loop returns on its last attempt")
+
+    async def _call(
+        self, req: Request, call: providers.HttpCall, out: _Outcome, share: asyncio.Timeout, timeout: httpx.Timeout
+    ) -> None:
+        async for ev in providers.run(self.http, self.adapter, call, stream=req.stream, timeout=timeout):
+            match ev:
+                case providers.TextDelta(text=text):
+                    if req.stream and text and out.seq == 0:
+                        # A stream that started cannot fall back: from here it may use the request's time.
+                        share.reschedule(None)
+                    await self._text(req, out, text)
+                case providers.Finished() as fin:
+                    out.finish_reason = fin.finish_reason
+                    out.usage = fin.usage
+                    out.raw_usage = fin.raw_usage
+                    out.tool_calls = fin.tool_calls
+
+    @staticmethod
+    def _left_ms(share: asyncio.Timeout, deadline_ms: int) -> float:
+        """Time left in this target's share (the request's, when the share ends with it)."""
+        when = share.when()
+        if when is None:
+            return float(deadline_ms - now_ms())
+        return (when - asyncio.get_running_loop().time()) * 1000
+
+    async def _failed(self, req: Request, ticket: Ticket, failure: ProviderFailure) -> None:
+        if failure.code is ErrorCode.UNAUTHORIZED and self.provider.api_key_env:
+            failure.message += f" for provider {self.provider_name!r}: check {self.provider.api_key_env}"
+        if failure.credit_exhausted:
+            # Every pool of this provider, on every replica, skips it for its cool-down.
+            try:
+                await self.health.out_of_credit()
+            except Exception as exc:
+                self.log.warning("credit_mark_failed", request_id=req.id, error=repr(exc))
+        await self._record(ticket, breaker.verdict(failure))
+
+    async def _admit(self, lease_ms: int) -> Ticket | None:
+        try:
+            return await self.health.admit(lease_ms)
+        except Exception as exc:  # only a half-open claim does I/O: without it, no probe
+            self.log.warning("breaker_unreachable", error=repr(exc))
+            return None
+
+    async def _record(self, ticket: Ticket, outcome: Verdict) -> None:
+        try:
+            await self.health.record(ticket, outcome)
+        except Exception as exc:  # the request's outcome does not depend on the breaker's bookkeeping
+            self.log.warning("breaker_update_failed", outcome=outcome.value, error=repr(exc))
 
     async def _text(self, req: Request, out: _Outcome, text: str) -> None:
         if out.first_token_ms is None:

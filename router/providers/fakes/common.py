@@ -67,6 +67,14 @@ BUILTIN: dict[str, Scenario] = {
     "slow": Scenario(ttft_ms=300, chunk_ms=50),
     "cached": Scenario(cache_read_tokens=8, reasoning_tokens=3),
     "weather_tool": Scenario(tool_calls=[FakeToolCall(name="get_weather", arguments={"city": "Paris"})]),
+    # A wait longer than any pool's retry.max_ms: the fleet moves on to the next target instead of waiting.
+    "retry_after_40s": Scenario(status=429, headers={"retry-after": "40"}),
+    # OpenAI's words for an account out of credit, which the Gemini adapter reads as such too (Anthropic's
+    # own is its fake's `credit_exhausted`): the provider is skipped for its credit cool-down.
+    "insufficient_quota": Scenario(status=429, error_body={"error": {
+        "message": "You exceeded your current quota, please check your plan and billing details.",
+        "type": "insufficient_quota", "param": None, "code": "insufficient_quota",
+    }}),
 }
 
 
