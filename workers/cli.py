@@ -11,6 +11,7 @@ from router.config import ConfigError
 
 from . import processes
 from .commands import ask, dlq, fleet, status
+from .commands import breaker as breaker_noun
 from .commands import config as config_noun
 from .commands.preflight import database_problem
 from .runtime import configure_logging, run
@@ -35,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
 
     for noun in (ask, status, dlq, config_noun):  # the operator's commands, one module each
         noun.register(sub)
+    breaker_noun.register(sub)
     return p
 
 

@@ -18,6 +18,7 @@ from router.config import Config
 from .auditor import Auditor
 from .db import migrate
 from .dispatcher import Dispatcher
+from .health import HealthView
 from .progress import Progress, ensure_bucket
 from .provider import PoolWorker
 from .publish import Publisher
@@ -90,7 +91,12 @@ async def run_dispatcher(stop: asyncio.Event, cfg: Config, nats_url: str) -> Non
     try:
         js = nc.jetstream()
         await ensure_topology(js, cfg)
-        await Dispatcher(js, Publisher(nc, js, cfg.subject_prefix), cfg).serve(stop)
+        health = HealthView(js)  # breakers, credit and keys, followed while it serves
+        await health.start()
+        try:
+            await Dispatcher(js, Publisher(nc, js, cfg.subject_prefix), cfg, health=health).serve(stop)
+        finally:
+            await health.stop()
     finally:
         await nc.drain()
 
