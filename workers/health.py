@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 import uuid
 from collections.abc import Callable
@@ -41,10 +42,13 @@ POOLS = "llm_pools"
 REPORT_EVERY_S = 10.0
 REPORT_TTL_MS = 30_000
 """A key report is believed this long: three missed reports and the worker counts as gone."""
-_CAS_TRIES = 32
-"""Compare-and-set attempts before a change is given up. Each conflict is another replica's change
-going through, and a breaker changes only a few times per counted failure before it opens and stops
-changing, so even a whole pool's calls failing at once settle well within this."""
+_CAS_GIVE_UP_S = 2.0
+"""How long a change keeps trying its compare-and-set before it is given up (and logged). Each conflict
+is another replica's change going through, and a breaker changes only a few times per counted failure
+before it opens and stops changing, so a whole pool's calls failing at once settle in milliseconds."""
+_CAS_PAUSE_S = 0.0005
+"""The longest random pause before re-reading after a second conflict in a row; it doubles with each
+further conflict, up to 32 times: writers that all re-read at once would all collide again."""
 
 
 def now_ms() -> int:
@@ -238,6 +242,7 @@ class PoolHealth:
         self.credit_cooldown_ms = credit_cooldown_ms
         self.has_key = has_key
         self.report_key = f"{pool}.{uuid.uuid4().hex[:16]}"
+        self._changing = asyncio.Lock()
         self.log = log.bind(pool=pool)
 
     async def start(self) -> None:
@@ -272,32 +277,55 @@ class PoolHealth:
     async def admit(self, lease_ms: int) -> Ticket | None:
         """A ticket for one call to the pool, or None when the breaker refuses it now. Closed costs no
         round trip; claiming a half-open probe slot is a compare-and-set. Raises what NATS raises."""
+        state, _ = self.view.breaker(self.pool)
+        if state.state == "closed":
+            return Ticket(None, state.since_ms)  # the hot path: nothing to claim, nothing to write
         token = uuid.uuid4().hex[:16]
-        state, rev = self.view.breaker(self.pool)
-        for _ in range(_CAS_TRIES):
-            decided = breaker.admit(state, self.policy, now_ms(), token=token, lease_ms=lease_ms)
-            if decided.state is None:
-                return decided.ticket
-            try:
-                await self._store(state, decided.state, rev)
-                return decided.ticket
-            except KeyWrongLastSequenceError:
-                state, rev = await self._read()
-        return None  # other replicas kept changing it: this call stays out rather than over-probe
+        ticket: Ticket | None = None
+
+        def claim(s: BreakerState) -> BreakerState | None:
+            nonlocal ticket
+            decided = breaker.admit(s, self.policy, now_ms(), token=token, lease_ms=lease_ms)
+            ticket = decided.ticket
+            return decided.state
+
+        if not await self._change(claim):
+            return None  # other replicas kept changing it: this call stays out rather than over-probe
+        return ticket
 
     async def record(self, ticket: Ticket, outcome: Verdict) -> None:
         """Count one call's outcome; a write only when it changes the breaker. Raises what NATS raises."""
-        state, rev = self.view.breaker(self.pool)
-        for _ in range(_CAS_TRIES):
-            new = breaker.record(state, self.policy, now_ms(), ticket, outcome)
-            if new == state:
-                return
-            try:
-                await self._store(state, new, rev)
-                return
-            except KeyWrongLastSequenceError:
-                state, rev = await self._read()
-        self.log.warning("breaker_update_lost", outcome=outcome.value)
+
+        def count(s: BreakerState) -> BreakerState:
+            return breaker.record(s, self.policy, now_ms(), ticket, outcome)
+
+        state, _ = self.view.breaker(self.pool)
+        if count(state) == state:
+            return  # the hot path (a success while closed with no failures): no lock, no write
+        if not await self._change(count):
+            self.log.warning("breaker_update_lost", outcome=outcome.value)
+
+    async def _change(self, step: Callable[[BreakerState], BreakerState | None]) -> bool:
+        """Store `step(state)` with compare-and-set, re-reading and re-applying it after a conflict, until
+        it holds or there is nothing to store (True) or _CAS_GIVE_UP_S passed (False). One change at a
+        time per process, so a replica's own calls never conflict with each other, only with other
+        replicas' (a burst of failures would otherwise be a burst of conflicts)."""
+        async with self._changing:
+            state, rev = self.view.breaker(self.pool)
+            give_up = time.monotonic() + _CAS_GIVE_UP_S
+            conflicts = 0
+            while True:
+                new = step(state)
+                if new is None or new == state:
+                    return True
+                try:
+                    await self._store(state, new, rev)
+                    return True
+                except KeyWrongLastSequenceError:
+                    if time.monotonic() > give_up:
+                        return False
+                    conflicts += 1
+                    state, rev = await self._read(conflicts)
 
     async def _store(self, old: BreakerState, new: BreakerState, rev: int) -> None:
         kv = self.view.breakers.kv
@@ -306,8 +334,11 @@ class PoolHealth:
         if new.state != old.state:
             self.log.warning(f"breaker_{new.state}", failures=new.failures, until_ms=new.until_ms or None)
 
-    async def _read(self) -> tuple[BreakerState, int]:
-        """The stored breaker, after a compare-and-set found the copy stale."""
+    async def _read(self, conflicts: int = 0) -> tuple[BreakerState, int]:
+        """The stored breaker, after `conflicts` compare-and-sets in a row found the copy stale. The
+        first re-reads at once (the copy was merely behind), later ones after a random pause."""
+        if conflicts > 1:
+            await asyncio.sleep(random.uniform(0, _CAS_PAUSE_S * 2 ** min(conflicts - 2, 5)))
         try:
             entry = await self.view.breakers.kv.get(self.pool)
         except KeyNotFoundError:
