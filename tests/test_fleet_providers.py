@@ -191,10 +191,13 @@ async def test_error_table_through_the_fleet(
 
 @pytest.mark.parametrize("fmt", FORMATS)
 async def test_rate_limit_retry_after_is_honoured_then_succeeds(
-    multi: Fleet, nc: NATS, fakes: Fakes, fmt: str
+    nats_url: str, db: asyncpg.Pool, nc: NATS, fakes: Fakes, fmt: str
 ) -> None:
+    cfg = fleet_config({f: fakes[f].url + BASE_PATH[f] for f in FORMATS})
+    cfg.pools[fmt].retry.max_ms = 2000  # a wait longer than the pool's max_ms moves on instead
     fakes[fmt].scenarios["once"] = Scenario(status=429, headers={"retry-after": "1"}, fail_times=1)
-    [done] = await ask(nc, fmt, request("hello [[fake:once]]"))
+    async with running_fleet(nats_url, cfg, db):
+        [done] = await ask(nc, fmt, request("hello [[fake:once]]"))
     assert isinstance(done, Done)
     assert done.latency_ms >= 1000  # waited for the provider's Retry-After, not the pool's 10 ms
 
