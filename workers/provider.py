@@ -17,6 +17,7 @@ from router import breaker, pricing, providers
 from router.breaker import Ticket, Verdict
 from router.config import Config, PoolConfig, ProviderConfig
 from router.errors import ErrorCode, ProviderFailure, SwitchyardError
+from router.models import model_info
 from router.retry import retry_delay_ms, share_ms
 from schemas import (
     Attempt,
@@ -316,7 +317,8 @@ class PoolWorker:
             return refused
         try:
             call = self.adapter.build(
-                req, model=model, base_url=self.provider.base_url, api_key=self.api_key, headers=self.provider.headers
+                req, model=model, base_url=self.provider.base_url, api_key=self.api_key, headers=self.provider.headers,
+                temperature_rule=model_info(self.cfg, self.provider.format, model).temperature,
             )
         except ProviderFailure as failure:  # the adapter says this request cannot go to this API
             return failure
@@ -465,9 +467,8 @@ class PoolWorker:
             await self.progress.sent(req.account, req.id, out.seq)
 
     def _cost(self, model: str, usage: Usage) -> float | None:
-        if self.provider.free:
-            return 0.0
-        return pricing.cost_usd(usage, model, provider_id=self.provider.genai_prices_id or self.provider_name)
+        # The config's price or `free` first, then genai-prices by provider, by wire format, by model name.
+        return pricing.target_cost_usd(self.cfg, self.provider_name, model, usage)
 
     def _done(self, req: Request, work: WorkItem, out: _Outcome) -> Done:
         model = work.route[0].model

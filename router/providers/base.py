@@ -18,6 +18,7 @@ from msgspec import Struct
 
 from schemas import Request, ToolCall, Usage
 
+from ..config import Temperature
 from ..errors import ErrorCode, ProviderFailure, StreamBroken
 from .sse import SSEvent, iter_events
 
@@ -60,7 +61,14 @@ class Adapter(Protocol):
     format: str
 
     def build(
-        self, req: Request, *, model: str, base_url: str, api_key: str | None, headers: Mapping[str, str]
+        self,
+        req: Request,
+        *,
+        model: str,
+        base_url: str,
+        api_key: str | None,
+        headers: Mapping[str, str],
+        temperature_rule: Temperature | None = None,
     ) -> HttpCall: ...
 
     def parse_response(self, body: bytes) -> list[Event]: ...
