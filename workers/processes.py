@@ -15,8 +15,10 @@ from httpx_aiohttp import AiohttpTransport
 from router import config as config_mod
 from router.config import Config
 
+from . import admin
+from .accounts import AccountRoutes
 from .auditor import Auditor
-from .db import migrate
+from .db import database_url, migrate
 from .dispatcher import Dispatcher
 from .health import HealthView
 from .progress import Progress, ensure_bucket
@@ -87,18 +89,33 @@ async def prepare(nats_url: str, database_url: str, cfg: Config) -> None:
 
 
 async def run_dispatcher(stop: asyncio.Event, cfg: Config, nats_url: str) -> None:
+    """The dispatcher, with the admin service (workers/admin.py) on its connection. Account routes
+    are followed in PostgreSQL when DATABASE_URL is set, and off (said once in the log) when not."""
     nc = await connect(nats_url, "switchyard-dispatcher", stop)
     try:
         js = nc.jetstream()
         await ensure_topology(js, cfg)
         health = HealthView(js)  # breakers, credit and keys, followed while it serves
         await health.start()
+        dispatcher = Dispatcher(js, Publisher(nc, js, cfg.subject_prefix), cfg, accounts=account_routes(),
+                                health=health)
+        service = await admin.start(nc, dispatcher, cfg.subject_prefix)
         try:
-            await Dispatcher(js, Publisher(nc, js, cfg.subject_prefix), cfg, health=health).serve(stop)
+            await dispatcher.serve(stop)
         finally:
+            await service.stop()
             await health.stop()
     finally:
         await nc.drain()
+
+
+def account_routes() -> AccountRoutes | None:
+    url = database_url()
+    if not url:
+        log.warning("account_routes_off", reason="DATABASE_URL is not set",
+                    effect="every request follows the config's routes")
+        return None
+    return AccountRoutes(url)
 
 
 async def run_worker(stop: asyncio.Event, cfg: Config, nats_url: str, pool: str) -> None:
