@@ -153,6 +153,8 @@ async def test_every_target_down_is_provider_unavailable_and_recorded(
     assert row["code"] == "PROVIDER_UNAVAILABLE"
     errors = [a["error"] for a in msgspec.json.decode(row["attempts"])]
     assert errors == ["SKIPPED_BREAKER_OPEN", "SKIPPED_CREDIT_EXHAUSTED"]
+    # A passing refusal its producer heard is not dead-lettered: an outage would flood the queue.
+    assert (await nc.jetstream().stream_info("LLM_DLQ")).state.messages == 0
 
 
 @pytest.mark.parametrize("image", [False, True])

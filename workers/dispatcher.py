@@ -162,7 +162,8 @@ class Dispatcher:
         *,
         record: bool = True,
     ) -> None:
-        """Answer when a reply subject can be read, copy to the DLQ, record the event (unless not `record`).
+        """Answer when a reply subject can be read, copy to the DLQ (unless the refusal is a passing one the
+        producer heard), record the event (unless not `record`).
 
         Each step is tried on its own; raises only when neither the answer nor the copy went out, so
         that the caller leaves the message in the stream rather than lose it.
@@ -177,12 +178,16 @@ class Dispatcher:
                 answered = True
             except Exception as exc:
                 log.warning("refusal_reply_failed", request_id=rid, error=repr(exc))
-        try:
-            await self.pub.dead_letter("dispatch", msg.data, subject=msg.subject, code=err.code.value,
-                                       error=err.message, origin_seq=msg.metadata.sequence.stream)
-            copied = True
-        except Exception as exc:
-            log.warning("dead_letter_failed", request_id=rid, error=repr(exc))
+        # A passing refusal (every target down for now) that its producer heard needs no copy: the producer
+        # retries, and an outage would flood the queue. Everything else an operator may want to fix and replay.
+        passing = answered and err.retryable and err.code is not ErrorCode.INTERNAL
+        if not passing:
+            try:
+                await self.pub.dead_letter("dispatch", msg.data, subject=msg.subject, code=err.code.value,
+                                           error=err.message, origin_seq=msg.metadata.sequence.stream)
+                copied = True
+            except Exception as exc:
+                log.warning("dead_letter_failed", request_id=rid, error=repr(exc))
         if not (answered or copied):
             raise RuntimeError("neither the refusal nor its dead-letter copy could be published")
         if record and rid is not None and account is not None and id_problem(rid) is None:
