@@ -11,13 +11,15 @@ import httpx
 import msgspec
 import structlog
 from httpx_aiohttp import AiohttpTransport
+from nats.js import JetStreamContext
 
 from router import config as config_mod
-from router.config import Config
+from router.config import Config, ConfigError
 
-from . import admin
+from . import admin, configstore
 from .accounts import AccountRoutes
 from .auditor import Auditor
+from .configstore import LiveConfig
 from .db import database_url, migrate
 from .dispatcher import Dispatcher
 from .health import HealthView
@@ -78,7 +80,10 @@ async def prepare(nats_url: str, database_url: str, cfg: Config) -> None:
     """Streams, consumers and tables, before any fleet process starts (every process also does its part)."""
     nc = await connect(nats_url, "switchyard-prepare")
     try:
-        await ensure_topology(nc.jetstream(), cfg)
+        js = nc.jetstream()
+        await ensure_topology(js, cfg)
+        revision = await configstore.push(js, cfg)  # what every process follows from now on
+        log.info("config_pushed", revision=revision)
     finally:
         await nc.close()
     conn = await asyncpg.connect(database_url)
@@ -94,19 +99,39 @@ async def run_dispatcher(stop: asyncio.Event, cfg: Config, nats_url: str) -> Non
     nc = await connect(nats_url, "switchyard-dispatcher", stop)
     try:
         js = nc.jetstream()
+        live = await live_config(js, cfg)
+        cfg = live.current
         await ensure_topology(js, cfg)
         health = HealthView(js)  # breakers, credit and keys, followed while it serves
         await health.start()
         dispatcher = Dispatcher(js, Publisher(nc, js, cfg.subject_prefix), cfg, accounts=account_routes(),
                                 health=health)
+        live.on_change(lambda new: setattr(dispatcher, "cfg", new))  # one assignment: a whole config at once
         service = await admin.start(nc, dispatcher, cfg.subject_prefix)
         try:
-            await dispatcher.serve(stop)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(live.follow(js, stop))
+                await dispatcher.serve(stop)
         finally:
             await service.stop()
             await health.stop()
     finally:
         await nc.drain()
+
+
+async def live_config(js: JetStreamContext, cfg: Config) -> LiveConfig:
+    """The config to start on: the pushed one when there is one (it wins over `--config`), else `cfg`."""
+    live = LiveConfig(cfg)
+    try:
+        found = await configstore.current(js)
+    except ConfigError as exc:
+        log.error("pushed_config_refused", error=str(exc), effect="running on the --config file until the next push")
+        found = None
+    if found is not None:
+        live.apply(*found)
+    else:
+        log.info("config_from_file", effect="a `switchyard config push` will replace it")
+    return live
 
 
 def account_routes() -> AccountRoutes | None:
@@ -119,16 +144,21 @@ def account_routes() -> AccountRoutes | None:
 
 
 async def run_worker(stop: asyncio.Event, cfg: Config, nats_url: str, pool: str) -> None:
-    if pool not in cfg.pools:
-        raise config_mod.ConfigError(f"--pool: unknown pool {pool!r} (configured: {', '.join(cfg.pools)})")
     nc = await connect(nats_url, f"switchyard-worker-{pool}", stop)
     try:
         js = nc.jetstream()
+        live = await live_config(js, cfg)
+        cfg = live.current
+        if pool not in cfg.pools:
+            raise config_mod.ConfigError(f"--pool: unknown pool {pool!r} (configured: {', '.join(cfg.pools)})")
         await ensure_topology(js, cfg)
         async with http_client() as http:
             progress = Progress(nc, await ensure_bucket(js))
             worker = PoolWorker(js, Publisher(nc, js, cfg.subject_prefix), http, cfg, pool, api_keys(cfg), progress)
-            await worker.serve(stop)
+            live.on_change(lambda new: worker.reconfigure(new, api_keys(new)))
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(live.follow(js, stop))
+                await worker.serve(stop)
     finally:
         await nc.drain()
 

@@ -146,6 +146,24 @@ class PoolWorker:
             has_key=bool(self.api_key) or not self.provider.api_key_env,
         )
 
+    def reconfigure(self, cfg: Config, api_keys: Mapping[str, str | None]) -> None:
+        """Follow a pushed config: the pool's timeouts, retries and breaker policy, its provider, prices and
+        models. Set without an await, so no request sees half of it. The process's own concurrency limit and
+        heartbeat period stay as started (the pool's consumer caps the pool's concurrency either way)."""
+        pool = cfg.pools.get(self.pool_name)
+        if pool is None:
+            self.log.warning("pool_removed", effect="this worker keeps its last settings; the dispatcher no longer"
+                             " routes here, so stop it once its queue is empty")
+            return
+        provider = cfg.providers[pool.provider]
+        self.cfg, self.pool, self.provider_name, self.provider = cfg, pool, pool.provider, provider
+        self.adapter = providers.adapter_for(provider.format)
+        self.api_key = api_keys.get(pool.provider)
+        self.health.policy = pool.breaker
+        self.health.provider = pool.provider
+        self.health.credit_cooldown_ms = provider.credit_cooldown_ms
+        self.health.has_key = bool(self.api_key) or not provider.api_key_env
+
     async def serve(self, stop: asyncio.Event) -> None:
         self.log.info("worker_started", provider=self.provider_name, concurrency=self.pool.concurrency)
         if self.provider.api_key_env and not self.api_key:

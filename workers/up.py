@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -41,7 +42,9 @@ from router.config import Config
 from router.providers.fakes import FakeOpenAI, Scenario
 
 from .commands.preflight import redact_url
+from .configstore import LiveConfig
 from .processes import api_keys, load_config, prepare
+from .runtime import connect
 from .supervise import RestartPolicy, describe_exit
 
 DEMO_MODEL = "switchyard-demo"
@@ -305,11 +308,12 @@ async def up(stop: asyncio.Event, *, config_path: str | None, data_dir: Path, na
 
         env: dict[str, str] = {**os.environ, "NATS_URL": nats_url, "DATABASE_URL": database_url}
         me = [sys.executable, "-m", "workers.cli"]
+
+        def worker(pool: str) -> _Child:
+            return _Child(f"worker {pool}", [*me, "worker", "--pool", pool, "--config", str(effective)], env)
+
         services = [_Child("dispatcher", [*me, "dispatcher", "--config", str(effective)], env)]
-        services += [
-            _Child(f"worker {pool}", [*me, "worker", "--pool", pool, "--config", str(effective)], env)
-            for pool in cfg.pools
-        ]
+        services += [worker(pool) for pool in cfg.pools]
         services.append(_Child("auditor", [*me, "auditor", "--config", str(effective)], env))
         for child in services:
             children.append(child)
@@ -322,7 +326,9 @@ async def up(stop: asyncio.Event, *, config_path: str | None, data_dir: Path, na
         say(f"PostgreSQL: {redact_url(database_url) if urlsplit(database_url).password else database_url}")
         say(f"pools:      {', '.join(cfg.pools)}; use cases: {', '.join(cfg.routes)}")
         say('ready. Try: switchyard ask "Write a haiku about queues" --stream   (Ctrl-C stops the fleet)')
-        await _supervise(children, stop)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(_follow_pools(nats_url, cfg, children, worker, stop))
+            await _supervise(children, stop)
     finally:
         say("stopping")
         (data_dir / STATE_FILE).unlink(missing_ok=True)
@@ -336,6 +342,38 @@ async def up(stop: asyncio.Event, *, config_path: str | None, data_dir: Path, na
         if pg_server is not None:
             await asyncio.to_thread(pg_server.cleanup)
         say("stopped")
+
+
+async def _follow_pools(
+    nats_url: str, cfg: Config, children: list[_Child], worker: Callable[[str], _Child], stop: asyncio.Event
+) -> None:
+    """Start a worker for every pool a `switchyard config push` adds while the fleet runs. A pool the
+    push removes keeps its worker until `up` stops (it may still hold queued work)."""
+    started = set(cfg.pools)
+
+    def added(new: Config) -> None:
+        for pool in new.pools:
+            if pool not in started:
+                started.add(pool)
+                child = worker(pool)
+                children.append(child)
+                child.start(time.monotonic())
+                say(f"pool {pool} added by a config push: its worker is started")
+
+    try:
+        nc = await connect(nats_url, "switchyard-up", stop)
+    except Exception as exc:  # up serves on without it; only added pools wait for a restart
+        say(f"cannot follow config pushes ({exc}); a pool added by a push needs `up` restarted")
+        return
+    try:
+        live = LiveConfig(cfg)
+        live.on_change(added)
+        await live.follow(nc.jetstream(), stop)
+    except Exception as exc:
+        say(f"stopped following config pushes ({type(exc).__name__}: {exc}); a pool added by a push needs `up`"
+            " restarted")
+    finally:
+        await nc.close()
 
 
 async def _terminate(procs: list[tuple[str, subprocess.Popen[bytes]]], grace_s: float = 15.0) -> None:

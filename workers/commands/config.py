@@ -16,6 +16,7 @@ from router.config import Config, ConfigError
 
 from .. import configstore
 from ..processes import load_config
+from ..runtime import ensure_topology
 from .fleet import OK, REFUSED, connected, fleet_prefix, say
 
 
@@ -48,6 +49,7 @@ async def config_command(args: argparse.Namespace) -> int:
                 say(f"{args.file}: subject_prefix is {cfg.subject_prefix!r} but the fleet at {url} uses {prefix!r};"
                     " nothing was pushed")
                 return REFUSED
+            await ensure_topology(js, cfg)  # a new pool's consumer, a new concurrency: before anything routes there
             revision = await configstore.push(js, cfg)
             print(f"pushed revision {revision}: {_summary(cfg)}")
             return OK
