@@ -1,11 +1,11 @@
 """`switchyard explain`: the chain a request would get, and why each other target would be skipped.
 
 It works the answer out itself with router/routing.py, as the dispatcher does: the routing config
-(`--config`, else the fleet's config.json, else the shipped example), the fleet's live breakers,
-credit and key reports (JetStream KV, workers/health.py) and the account's own route (PostgreSQL:
-DATABASE_URL, else the fleet's). Other languages ask a dispatcher the same on `llm.admin.explain`
-(workers/admin.py). Exits 0 when the request would be sent, 1 when it would be refused (or the
-config is wrong), 2 when NATS cannot be reached or holds no fleet.
+(`--config`, else the config pushed to the fleet, else its config.json, else the shipped example),
+the fleet's live breakers, credit and key reports (JetStream KV, workers/health.py) and the
+account's own route (PostgreSQL: DATABASE_URL, else the fleet's). Other languages ask a dispatcher
+the same on `llm.admin.explain` (workers/admin.py). Exits 0 when the request would be sent, 1 when
+it would be refused (or the config is wrong), 2 when NATS cannot be reached or holds no fleet.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from router.config import ConfigError
 from router.routing import AccountRoute
 
 from .. import accounts as store
+from .. import configstore
 from ..admin import ExplainRequest, Explanation, explain
 from ..health import HealthView
 from .accounts import database_url, name, routing_config
@@ -39,7 +40,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--prompt-tokens", type=_count, default=0, metavar="N", help="the prompt's size in tokens")
     p.add_argument("--max-tokens", type=_positive, default=None, metavar="N", help="the request's max_tokens")
     p.add_argument("--json", action="store_true", help="the answer as JSON (the shape of llm.admin.explain)")
-    p.add_argument("--config", help="routing config (default: the fleet's config.json, else the shipped example)")
+    p.add_argument("--config", help="routing config (default: the fleet's pushed config, else its config.json,"
+                   " else the shipped example)")
     p.add_argument("--data-dir", type=Path, default=None, help="find the fleet `switchyard up` started here")
     p.set_defaults(run=explain_command)
 
@@ -70,6 +72,13 @@ async def explain_command(args: argparse.Namespace) -> int:
     async with connected(args.data_dir) as (nc, url):
         js = nc.jetstream()
         await fleet_prefix(js, url)
+        if args.config is None:  # what the fleet runs now beats any file
+            try:
+                pushed = await configstore.current(js)
+            except ConfigError:
+                pushed = None
+            if pushed is not None:
+                cfg, where = pushed[0], f"the fleet's pushed config (revision {pushed[1]})"
         health = HealthView(js)
         await health.start()
         try:
