@@ -114,6 +114,11 @@ class ModelConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     """The model costs nothing wherever it is served (a self-hosted model): cost is 0."""
 
 
+class AccountConfig(Struct, kw_only=True, forbid_unknown_fields=True):
+    force_any_model: bool = False
+    """This account's requests may force (`model`) any model the config serves, whatever their tier."""
+
+
 class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     subject_prefix: Name = "llm"
     providers: dict[Name, ProviderConfig]
@@ -121,6 +126,7 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     routes: dict[Name, dict[Name, list[str]]]
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     tiers: dict[Name, TierConfig] = {}
+    accounts: dict[Name, AccountConfig] = {}
     models: dict[str, ModelConfig] = {}
     """Keyed by the model name as routes and requests spell it."""
 

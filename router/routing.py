@@ -10,7 +10,7 @@ Where the chain comes from, first match wins:
 
 1. the request's `model`: the targets serving that model on the request's own route (the account's
    route and the use case × tier route, else the use case's `default`); any target of the config
-   when the tier has `force_any_model`;
+   when the tier (`[tiers.<tier>]`) or the account (`[accounts.<name>]`) has `force_any_model`;
 2. the account's own route for the use case and tier (or for every tier);
 3. the route for use case × tier;
 4. the use case's `default` route;
@@ -336,13 +336,15 @@ def _forced(
         return Source.MODEL_OVERRIDE, chosen, [], ""
     elsewhere = _unique(t for t in _every_target(cfg) if _serves(cfg, t, model))
     tier = cfg.tiers.get(want.tier)
-    if elsewhere and tier is not None and tier.force_any_model:
+    account = cfg.accounts.get(want.account)
+    if elsewhere and ((tier is not None and tier.force_any_model) or (account is not None and account.force_any_model)):
         return Source.MODEL_OVERRIDE, elsewhere, [], ""
     if not elsewhere:
         return Source.MODEL_OVERRIDE, [], [], f"model {model!r} is not served by any configured target"
     detail = (
         f"not on the route of use case {want.use_case!r}, tier {want.tier!r}"
-        f" ({', '.join(str(t) for t in allowed) or 'none'}), and the tier may not force other models"
+        f" ({', '.join(str(t) for t in allowed) or 'none'}), and neither the tier nor the account may force"
+        " other models"
     )
     skipped = [Skipped(pool=t.pool, model=t.model, reason=Skip.NOT_ALLOWED_FOR_TIER, detail=detail) for t in elsewhere]
     return Source.MODEL_OVERRIDE, [], skipped, f"model {model!r} may not be forced by tier {want.tier!r}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import pytest
 
 from router import config as config_mod
@@ -168,6 +169,14 @@ def test_a_tier_with_force_any_model_may_force_any_target_of_the_config() -> Non
     assert chain(s) == ["openai:gpt-4o"] and s.source is Source.MODEL_OVERRIDE
     s = pick(req("poetry", "admin", model="claude-sonnet-4-5"))
     assert chain(s) == ["anthropic:claude-sonnet-4-5"]
+
+
+def test_an_account_with_force_any_model_may_force_any_target_whatever_its_tier() -> None:
+    cfg = config_mod.from_mapping({**msgspec.to_builtins(CFG), "accounts": {"ops": {"force_any_model": True}}})
+    r = req("draft", "default", model="gpt-4o")
+    assert select(cfg, r, AlwaysHealthy(), now_ms=NOW).code is ErrorCode.NO_ROUTE  # acme may not
+    r.account = "ops"
+    assert chain(select(cfg, r, AlwaysHealthy(), now_ms=NOW)) == ["openai:gpt-4o"]
 
 
 def test_a_forced_model_may_be_one_of_the_accounts_own_route() -> None:
