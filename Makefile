@@ -33,6 +33,8 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/bench_fleet.py
 	$(BIN)/python bench/bench_pull.py
 	$(BIN)/python bench/bench_door.py
+	$(BIN)/python bench/bench_select.py
+	$(BIN)/python bench/bench_health.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
