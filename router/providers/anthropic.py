@@ -162,6 +162,14 @@ def build(
     return HttpCall(url=base_url.rstrip("/") + "/v1/messages", headers=h, body=body)
 
 
+def probe(*, base_url: str, api_key: str | None, headers: Mapping[str, str]) -> HttpCall:
+    """The cheapest call that proves the base URL and the key: one model of `GET /v1/models` (no tokens)."""
+    h = {"anthropic-version": API_VERSION, **headers}
+    if api_key:
+        h["x-api-key"] = api_key
+    return HttpCall(url=base_url.rstrip("/") + "/v1/models?limit=1", headers=h, body={})
+
+
 # --- response ------------------------------------------------------------------
 
 

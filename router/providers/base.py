@@ -77,6 +77,8 @@ class Adapter(Protocol):
 
     def translate_error(self, status: int, headers: httpx.Headers, body: bytes) -> ProviderFailure: ...
 
+    def probe(self, *, base_url: str, api_key: str | None, headers: Mapping[str, str]) -> HttpCall: ...
+
 
 def retry_after_ms(headers: httpx.Headers, *, now: datetime | None = None) -> int | None:
     """Delay asked for by `retry-after-ms`, or `Retry-After` in seconds or as an HTTP date
@@ -159,21 +161,7 @@ async def run(
             for ev in parser.close():
                 yield ev
     except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-        # The aiohttp transport reports a refused connection as ConnectTimeout too, so the exception's
-        # type cannot tell an operator "nothing listens there" from "no answer": the OS error it was
-        # raised from can (both transports chain the ConnectionRefusedError).
-        cause: BaseException | None = exc
-        for _ in range(8):  # a chain is short; the bound only guards against a cycle
-            if cause is None or isinstance(cause, ConnectionRefusedError):
-                break
-            cause = cause.__cause__ or cause.__context__
-        if isinstance(cause, ConnectionRefusedError):
-            why = "connection refused"
-        elif isinstance(exc, httpx.ConnectTimeout):
-            why = "timed out connecting"
-        else:
-            why = type(exc).__name__
-        raise ProviderFailure(ErrorCode.PROVIDER_ERROR, f"could not reach the provider ({why})", retry=True) from exc
+        raise _unreachable(exc) from exc
     except httpx.TimeoutException as exc:
         if started:
             raise StreamBroken(f"the provider stopped sending mid-stream ({type(exc).__name__})") from exc
@@ -186,3 +174,53 @@ async def run(
         raise ProviderFailure(
             ErrorCode.PROVIDER_ERROR, f"could not reach the provider ({type(exc).__name__})", retry=True
         ) from exc
+
+
+def _unreachable(exc: httpx.ConnectError | httpx.ConnectTimeout) -> ProviderFailure:
+    """The failure for a connection that could not be made, saying why when the OS said."""
+    # The aiohttp transport reports a refused connection as ConnectTimeout too, so the exception's
+    # type cannot tell an operator "nothing listens there" from "no answer": the OS error it was
+    # raised from can (both transports chain the ConnectionRefusedError).
+    cause: BaseException | None = exc
+    for _ in range(8):  # a chain is short; the bound only guards against a cycle
+        if cause is None or isinstance(cause, ConnectionRefusedError):
+            break
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ConnectionRefusedError):
+        why = "connection refused"
+    elif isinstance(exc, httpx.ConnectTimeout):
+        why = "timed out connecting"
+    else:
+        why = type(exc).__name__
+    return ProviderFailure(ErrorCode.PROVIDER_ERROR, f"could not reach the provider ({why})", retry=True)
+
+
+async def run_probe(http: httpx.AsyncClient, adapter: Adapter, call: HttpCall, *, timeout: httpx.Timeout) -> int:
+    """Make an adapter's `probe` call (a GET of the provider's models list, which costs no tokens) and
+    return the HTTP status of its success: the provider answered and took the key.
+
+    Raises ProviderFailure: unreachable, timed out, an HTTP error translated by the adapter, or an
+    answer that is not a JSON object (a URL that is not the provider's API).
+    """
+    try:
+        resp = await http.get(call.url, headers=call.headers, timeout=timeout)
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        raise _unreachable(exc) from exc
+    except httpx.TimeoutException as exc:
+        raise ProviderFailure(
+            ErrorCode.PROVIDER_ERROR, f"provider timed out ({type(exc).__name__})", retry=True
+        ) from exc
+    except httpx.TransportError as exc:
+        raise ProviderFailure(
+            ErrorCode.PROVIDER_ERROR, f"could not reach the provider ({type(exc).__name__})", retry=True
+        ) from exc
+    if resp.status_code >= 400:
+        raise adapter.translate_error(resp.status_code, resp.headers, resp.content)
+    if not error_body(resp.content):  # every format's models list is a non-empty JSON object
+        raise ProviderFailure(
+            ErrorCode.PROVIDER_ERROR,
+            f"the answer to {httpx.URL(call.url).path} is not a models list (HTTP {resp.status_code});"
+            " is the base URL the provider's API?",
+            retry=False, http_status=resp.status_code,
+        )
+    return resp.status_code

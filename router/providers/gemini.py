@@ -213,6 +213,14 @@ def build(
     return HttpCall(url=f"{base_url.rstrip('/')}/v1beta/models/{name}{action}", headers=h, body=body)
 
 
+def probe(*, base_url: str, api_key: str | None, headers: Mapping[str, str]) -> HttpCall:
+    """The cheapest call that proves the base URL and the key: one model of `GET /v1beta/models` (no tokens)."""
+    h = dict(headers)
+    if api_key:
+        h["x-goog-api-key"] = api_key  # never `?key=`, as for every call
+    return HttpCall(url=f"{base_url.rstrip('/')}/v1beta/models?pageSize=1", headers=h, body={})
+
+
 # --- response ------------------------------------------------------------------
 
 

@@ -105,6 +105,14 @@ def build(
     return HttpCall(url=base_url.rstrip("/") + "/chat/completions", headers=h, body=body)
 
 
+def probe(*, base_url: str, api_key: str | None, headers: Mapping[str, str]) -> HttpCall:
+    """The cheapest call that proves the base URL and the key: `GET /models` (no tokens, no cost)."""
+    h = dict(headers)
+    if api_key:
+        h["authorization"] = f"Bearer {api_key}"
+    return HttpCall(url=base_url.rstrip("/") + "/models", headers=h, body={})
+
+
 # OpenAI keeps type `insufficient_quota` and names the cause in `code` for these.
 _CREDIT_CODES = frozenset({
     "credit_balance_exhausted",
