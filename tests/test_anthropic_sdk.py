@@ -132,3 +132,16 @@ async def test_stream_error_before_start(client: anthropic.AsyncAnthropic, fake:
         ) as stream:
             await stream.get_final_message()
     assert info.value.status_code == 529
+
+
+async def test_the_sdk_pages_through_the_fakes_models_and_reads_its_faults(
+    client: anthropic.AsyncAnthropic, fake: FakeAnthropic
+) -> None:
+    """The models list `switchyard providers test` calls (one model a page), as the SDK reads it."""
+    ids = [m.id async for m in client.models.list(limit=1)]
+    assert ids == ["claude-haiku-4-5-20251001", "claude-sonnet-4-5-20250929"]
+    assert len(fake.listed) == 2  # one page each, the second after the first's last_id
+    sent = fake.listed[-1]  # the key as `x-api-key` (older SDKs) or a bearer token (newer ones)
+    assert "test-key" in (sent.get("x-api-key"), sent.get("authorization", "").removeprefix("Bearer "))
+    with pytest.raises(anthropic.AuthenticationError):
+        await client.models.list(extra_headers={"x-fake-scenario": "unauthorized"})

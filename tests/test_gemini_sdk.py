@@ -155,3 +155,15 @@ async def test_sdk_default_api_version_is_served_too(fake: FakeGemini) -> None:
         resp = await c.models.generate_content(model=MODEL, contents="hi")
     assert resp.text
     assert fake.paths == [f"/v1/models/{MODEL}:generateContent"]
+
+
+async def test_sdk_lists_the_fakes_models_and_reads_its_faults(fake: FakeGemini, client: genai.Client) -> None:
+    """The models list `switchyard providers test` calls, as the SDK reads it."""
+    models = [m async for m in await client.aio.models.list()]
+    assert [m.name for m in models] == ["models/gemini-2.5-flash"]
+    assert models[0].input_token_limit == 1048576
+    assert fake.listed[-1]["x-goog-api-key"] == "test-key"
+    fake.default = Scenario(status=401)
+    with pytest.raises(errors.ClientError) as info:
+        await client.aio.models.list()
+    assert info.value.code == 401

@@ -84,3 +84,14 @@ async def test_demo_provider_pacing_is_accepted_too() -> None:
         await client.close()
     finally:
         await demo.stop()
+
+
+async def test_the_sdk_lists_the_fakes_models_and_reads_its_faults(
+    sdk: openai.AsyncOpenAI, fake_openai: FakeOpenAI
+) -> None:
+    """The models list `switchyard providers test` calls, as the SDK reads it."""
+    ids = [m.id async for m in sdk.models.list()]
+    assert ids == ["gpt-4o-mini", "gpt-4o"]
+    assert fake_openai.listed[-1]["authorization"] == "Bearer test-key"
+    with pytest.raises(openai.AuthenticationError):
+        await sdk.models.list(extra_headers={"x-fake-scenario": "unauthorized"})

@@ -107,7 +107,26 @@ class FakeAnthropic(FakeServer):
             self.scenarios.setdefault(name, msgspec.structs.replace(sc))
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.post("/v1/messages", self.messages)]
+        return [web.post("/v1/messages", self.messages), web.get("/v1/models", self.models)]
+
+    async def models(self, request: web.Request) -> web.Response:
+        if "anthropic-version" not in request.headers:
+            return web.json_response(error(400, "anthropic-version: header is required"), status=400)
+        listed = [
+            {"type": "model", "id": "claude-haiku-4-5-20251001", "display_name": "Claude Haiku 4.5",
+             "created_at": "2025-10-15T00:00:00Z"},
+            {"type": "model", "id": "claude-sonnet-4-5-20250929", "display_name": "Claude Sonnet 4.5",
+             "created_at": "2025-09-29T00:00:00Z"},
+        ]
+        # Paged by `limit` and `after_id`, as the real API pages it (the SDK's iteration follows `last_id`).
+        ids = [m["id"] for m in listed]
+        after = request.query.get("after_id")
+        rest = listed[ids.index(after) + 1:] if after in ids else listed
+        limit = request.query.get("limit", "20")
+        page = rest[: int(limit)] if limit.isdigit() and int(limit) > 0 else rest
+        answer = {"data": page, "has_more": len(page) < len(rest),
+                  "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None}
+        return await self.list_models(request, answer, error)
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
         body = await self.read_json(request)

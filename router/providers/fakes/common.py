@@ -128,6 +128,8 @@ class FakeServer:
         self.scenarios: dict[str, Scenario] = {k: msgspec.structs.replace(v) for k, v in BUILTIN.items()}
         self.requests: list[dict[str, Any]] = []
         self.request_headers: list[dict[str, str]] = []
+        self.listed: list[dict[str, str]] = []
+        """The headers (names in lower case) of every models-list request; `requests` holds generation requests."""
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -171,6 +173,18 @@ class FakeServer:
         if sc.fail_times is not None and sc.hits > sc.fail_times:
             return msgspec.structs.replace(sc, status=None, hits=0)
         return sc
+
+    async def list_models(
+        self, request: web.Request, answer: dict[str, Any], error_for: Callable[[int], dict[str, Any]]
+    ) -> web.Response:
+        """The models list `answer`, or the fault of the request's scenario (picked by `x-fake-scenario`: a
+        GET has no prompt to carry a marker), with `error_for(status)` as the format's error body."""
+        self.listed.append({k.lower(): v for k, v in request.headers.items()})
+        sc = self.pick(request, None)
+        await sleep_ms(sc.ttft_ms)
+        if sc.status is not None:
+            return web.json_response(sc.error_body or error_for(sc.status), status=sc.status, headers=sc.headers)
+        return web.json_response(answer)
 
     async def read_json(self, request: web.Request) -> dict[str, Any]:
         try:

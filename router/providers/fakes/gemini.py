@@ -167,11 +167,14 @@ class FakeGemini(FakeServer):
         ]
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"models": [{
+        answer = {"models": [{
             "name": "models/gemini-2.5-flash", "version": "001", "displayName": "Gemini 2.5 Flash",
             "inputTokenLimit": 1048576, "outputTokenLimit": 65536,
             "supportedGenerationMethods": ["generateContent", "countTokens"],
-        }]})
+        }]}
+        return await self.list_models(
+            request, answer, lambda status: _rate_limited() if status == 429 else google_error(status)
+        )
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         self.paths.append(request.path_qs)

@@ -40,8 +40,11 @@ class FakeOpenAI(FakeServer):
         ]
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model",
-                                                             "created": 0, "owned_by": "switchyard"}]})
+        answer = {"object": "list", "data": [
+            {"id": model, "object": "model", "created": 1721172741, "owned_by": "system"}
+            for model in ("gpt-4o-mini", "gpt-4o")
+        ]}
+        return await self.list_models(request, answer, _error)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self.read_json(request)
