@@ -9,15 +9,20 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import httpx
+import msgspec
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.micro import add_service
+from nats.micro.request import Request as MicroRequest
 
 from router import breaker, pricing, providers
 from router.breaker import Ticket, Verdict
 from router.config import Config, PoolConfig, ProviderConfig
 from router.errors import ErrorCode, ProviderFailure, SwitchyardError
 from router.models import model_info
+from router.providers.base import run_probe
+from router.redact import MASK, scrub
 from router.retry import retry_delay_ms, share_ms
 from schemas import (
     Attempt,
@@ -43,6 +48,34 @@ log = structlog.get_logger("worker")
 PROBE_MARGIN_MS = 1000
 """Added to a probe's share of time for its slot's claim: the slot outlives the call it was claimed for
 only when the worker holding it is lost."""
+
+TEST_SERVICE = "switchyard-worker"
+"""The micro service each worker serves `providers test` from (`$SRV.INFO.switchyard-worker` lists them)."""
+TEST_TIMEOUT_S = 10.0
+"""How long `providers test`'s one call to the provider may take, all of it."""
+
+
+def provider_test_subject(prefix: str, pool: str) -> str:
+    """Where `switchyard providers test POOL` asks one of the pool's workers (queue group `q`)."""
+    return f"{prefix}.admin.providers.test.{pool}"
+
+
+class ProviderTest(msgspec.Struct, kw_only=True):
+    """A worker's answer on `provider_test_subject`, and what `switchyard providers test --json` prints."""
+
+    pool: str
+    provider: str
+    ok: bool
+    url: str
+    """What was called (GET), credentials masked."""
+    latency_ms: int | None = None
+    """How long the call took, failed or not; None when no call was made (the worker has no key)."""
+    status: int | None = None
+    """The provider's HTTP status; None when it never answered."""
+    code: str | None = None
+    """Not ok: our error code for the failure."""
+    error: str | None = None
+    """Not ok: one sentence, with anything like a key masked."""
 
 
 @dataclass
@@ -170,15 +203,69 @@ class PoolWorker:
             self.log.warning("no_api_key", provider=self.provider_name, variable=self.provider.api_key_env,
                              effect="every request is refused with UNAUTHORIZED and falls back to the next target")
         consumer = f"pool-{self.pool_name}"
-        await self.health.start()
+        # The endpoint is up before the key report says this worker is live, and stays up until the report
+        # is gone: a worker that `switchyard providers` counts answers `providers test`.
+        service = await add_service(self.pub.nc, name=TEST_SERVICE, version="1.0.0", queue_group="q",
+                                    metadata={"pool": self.pool_name}, description="a pool's worker: providers test")
+        await service.add_endpoint(name="providers-test", handler=self.answer_provider_test,
+                                   subject=provider_test_subject(self.pub.prefix, self.pool_name))
         try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self.heartbeat.run(stop))
-                tg.create_task(self.health.keep_reporting(stop))
-                await serve_pull(self.pub.nc, "LLM_WORK", consumer, self.handle, stop, limit=self.pool.concurrency,
-                                 give_up=self.give_up, max_deliver=MAX_DELIVER)
+            await self.health.start()
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self.heartbeat.run(stop))
+                    tg.create_task(self.health.keep_reporting(stop))
+                    await serve_pull(self.pub.nc, "LLM_WORK", consumer, self.handle, stop,
+                                     limit=self.pool.concurrency, give_up=self.give_up, max_deliver=MAX_DELIVER)
+            finally:
+                await self.health.stop()
         finally:
-            await self.health.stop()
+            with contextlib.suppress(Exception):  # a closed connection took its subscriptions with it
+                await service.stop()
+
+    async def answer_provider_test(self, request: MicroRequest) -> None:
+        """`switchyard providers test`: one models-list call to the provider with this worker's key, answered as
+        a ProviderTest. Counts toward nothing (no breaker, no credit). The error boundary of the endpoint: the
+        reply never carries the key, and anything unexpected is logged and answered as a failure."""
+        provider, cfg, key = self.provider_name, self.provider, self.api_key  # one config for the whole call
+        adapter = providers.adapter_for(cfg.format)
+        call = adapter.probe(base_url=cfg.base_url, api_key=key, headers=cfg.headers)
+        status: int | None = None
+        latency_ms: int | None = None
+        failure: ProviderFailure | None = None
+        if cfg.api_key_env and not key:
+            failure = ProviderFailure(ErrorCode.UNAUTHORIZED, f"no API key: set {cfg.api_key_env} in the environment"
+                                      " of this pool's workers", retry=False)
+        else:
+            started = asyncio.get_running_loop().time()
+            try:
+                async with asyncio.timeout(TEST_TIMEOUT_S):
+                    status = await run_probe(self.http, adapter, call,
+                                             timeout=httpx.Timeout(TEST_TIMEOUT_S, connect=5.0))
+            except ProviderFailure as exc:
+                failure, status = exc, exc.http_status
+            except TimeoutError:
+                failure = ProviderFailure(ErrorCode.PROVIDER_ERROR,
+                                          f"the provider did not answer within {TEST_TIMEOUT_S:g} s", retry=False)
+            except Exception as exc:
+                self.log.exception("provider_test_failed", provider=provider)
+                failure = ProviderFailure(ErrorCode.INTERNAL, f"the worker failed to call the provider"
+                                          f" ({type(exc).__name__}); see its log", retry=False)
+            latency_ms = round((asyncio.get_running_loop().time() - started) * 1000)
+        error = None
+        if failure is not None:
+            error = failure.message
+            if failure.http_status is not None and failure.code is ErrorCode.UNAUTHORIZED and cfg.api_key_env:
+                error += f": check {cfg.api_key_env}"
+            # scrub() knows the usual key shapes; the key itself is masked whatever its shape.
+            error = scrub(error.replace(key, MASK) if key else error)
+        answer = ProviderTest(
+            pool=self.pool_name, provider=provider, ok=failure is None, url=scrub(call.url), latency_ms=latency_ms,
+            status=status, code=failure.code.value if failure else None, error=error,
+        )
+        self.log.info("provider_tested", provider=provider, ok=answer.ok, latency_ms=latency_ms, status=status,
+                      code=answer.code)
+        await request.respond(msgspec.json.encode(answer))
 
     async def handle(self, msg: Msg) -> None:
         """One work item: the error boundary for what a request can cause. What escapes it (NATS failing
