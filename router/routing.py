@@ -212,7 +212,8 @@ def select(
     models: ModelLookup = model_info,
 ) -> Selection:
     """The chain for `req`; never raises for a request that passed the door. An empty chain comes
-    with the error code to refuse the request with (NO_ROUTE, CONTEXT_TOO_LONG, PROVIDER_UNAVAILABLE)."""
+    with the error code to refuse the request with (NO_ROUTE, CONTEXT_TOO_LONG, PROVIDER_UNAVAILABLE,
+    UNAUTHORIZED when a target was skipped only for its missing key)."""
     return choose(cfg, needs(req), health, account_route=account_route, now_ms=now_ms, models=models)
 
 
@@ -235,10 +236,11 @@ def choose(
             skipped.append(Skipped(pool=t.pool, model=t.model, reason=Skip.UNKNOWN_POOL,
                                    detail=f"pool {t.pool!r} is not in the config"))
             continue
-        info = models(cfg, cfg.providers[pool.provider].format, t.model)
+        provider = cfg.providers[pool.provider]
+        info = models(cfg, provider.format, t.model)
         if not info.known:
             unknown.append(t)
-        skip = _unfit(info, want) or _unavailable(t.pool, pool.provider, health, now_ms)
+        skip = _unfit(info, want) or _unavailable(t.pool, pool.provider, provider.api_key_env, health, now_ms)
         if skip is None:
             chain.append(t)
         else:
@@ -271,14 +273,17 @@ def _unfit(info: ModelInfo, want: Needs) -> tuple[Skip, str] | None:
     return None
 
 
-def _unavailable(pool: str, provider: str, health: Health, now_ms: int) -> tuple[Skip, str] | None:
+def _unavailable(
+    pool: str, provider: str, key_env: str | None, health: Health, now_ms: int
+) -> tuple[Skip, str] | None:
     """Why the target cannot be called now; None when it can."""
     if health.pool_open(pool, now_ms):
         return Skip.BREAKER_OPEN, f"pool {pool}'s breaker is open"
     if health.provider_exhausted(provider, now_ms):
         return Skip.CREDIT_EXHAUSTED, f"provider {provider} is out of credit"
     if health.pool_has_key(pool) is False:
-        return Skip.NO_KEY, f"pool {pool}'s workers have no API key for provider {provider}"
+        where = f"set {key_env} in the environment of pool {pool}'s workers" if key_env else "check its config"
+        return Skip.NO_KEY, f"pool {pool}'s workers have no API key for provider {provider}: {where}"
     return None
 
 
@@ -291,7 +296,9 @@ def _verdict(skipped: Sequence[Skipped], why: str, want: Needs) -> tuple[ErrorCo
         return ErrorCode.NO_ROUTE, why
     if reasons & _TRANSIENT:
         return ErrorCode.PROVIDER_UNAVAILABLE, f"no target can be called now: {listed}"
-    if Skip.NO_KEY not in reasons and Skip.CONTEXT_TOO_SMALL in reasons:
+    if Skip.NO_KEY in reasons:  # a key the operator can set: name it rather than say nothing serves
+        return ErrorCode.UNAUTHORIZED, f"no API key for a target that could serve this request: {listed}"
+    if Skip.CONTEXT_TOO_SMALL in reasons:
         return ErrorCode.CONTEXT_TOO_LONG, (
             f"the prompt (about {want.prompt_tokens:,} tokens) and the answer fit no target's context window: {listed}"
         )

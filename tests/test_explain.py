@@ -121,7 +121,8 @@ async def test_the_fleets_live_breakers_credit_and_keys_are_read(
     assert r.code == 1
     assert "refused with PROVIDER_UNAVAILABLE: no target can be called now:" in r.out
     assert "  - backup:gpt-4o-mini: credit_exhausted: provider backup is out of credit\n" in r.out
-    assert "  - openai:gpt-4o-mini: no_key: pool openai's workers have no API key for provider openai\n" in r.out
+    assert ("  - openai:gpt-4o-mini: no_key: pool openai's workers have no API key for provider openai:"
+            " set SY_TEST_OPENAI_KEY in the environment of pool openai's workers\n") in r.out
 
 
 async def test_an_accounts_own_route_from_postgresql(

@@ -6,6 +6,7 @@ tables, and broken streams, as a producer sees them in its reply stream.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,6 +16,7 @@ from nats.aio.client import Client as NATS
 
 from router.providers.fakes import FakeAnthropic, FakeGemini, FakeOpenAI, FakeServer, Scenario
 from schemas import Chunk, Done, Error
+from workers.health import HealthView
 
 from .conftest import Fleet, fleet_config, running_fleet
 from .helpers import ask_raw, audit_row, request
@@ -262,13 +264,22 @@ async def test_a_missing_key_is_named_and_the_next_target_serves(
     cfg.routes["draft"]["default"] = ["openai:gpt-4o-mini", "anthropic:claude-haiku-4-5"]
     keys: dict[str, str | None] = {"openai": None, "anthropic": "test-key", "gemini": "test-key"}
     async with running_fleet(nats_url, cfg, db, api_keys=keys):
+        health = HealthView(nc.jetstream())
+        await health.start()
+        try:
+            async with asyncio.timeout(10):  # the pool's workers report they have no key
+                while health.pool_has_key("openai") is not False:
+                    await asyncio.sleep(0.05)
+        finally:
+            await health.stop()
         [refused] = await ask_raw(nc, request("hi"), subject=subject("openai"))
         [served] = await ask_raw(nc, request("hi"))
     assert isinstance(refused, Error) and refused.code == "UNAUTHORIZED"
     assert "set SY_TEST_OPENAI_KEY" in refused.message
     assert not fakes["openai"].requests  # never called without a key
     assert isinstance(served, Done) and served.provider == "anthropic"
-    assert [(a.pool, a.error) for a in served.attempts] == [("openai", "UNAUTHORIZED"), ("anthropic", None)]
+    # Skipped at the dispatcher, and said so in the attempts.
+    assert [(a.pool, a.error) for a in served.attempts] == [("openai", "SKIPPED_NO_KEY"), ("anthropic", None)]
 
 
 async def test_a_provider_message_quoting_a_key_is_masked(multi: Fleet, nc: NATS, fakes: Fakes) -> None:

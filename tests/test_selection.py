@@ -309,9 +309,9 @@ def test_a_target_down_for_now_beside_one_too_small_is_provider_unavailable() ->
     assert skips(s) == [("openai:gpt-4", Skip.CONTEXT_TOO_SMALL), ("anthropic:claude-haiku-4-5", Skip.BREAKER_OPEN)]
 
 
-def test_no_route_when_the_only_targets_that_fit_have_no_key() -> None:
+def test_unauthorized_naming_the_variable_when_the_only_targets_that_fit_have_no_key() -> None:
     s = pick(req("long", text="x" * 4 * 20_000), FakeHealth(keys={"anthropic": False}))
-    assert s.code is ErrorCode.NO_ROUTE and "have no API key" in s.message
+    assert s.code is ErrorCode.UNAUTHORIZED and "have no API key" in s.message
 
 
 def test_no_route_when_capabilities_rule_every_target_out() -> None:
