@@ -187,7 +187,7 @@ class WorkItem(Struct, kw_only=True):
     route: Annotated[list[Target], Meta(min_length=1)]
     attempts: list[Attempt] = []
     accepted_ms: int
-    """When the dispatcher accepted the request (Unix ms); the deadline counts from here."""
+    """When the request was published (its LLM_REQ timestamp, Unix ms); the deadline counts from here."""
 
 
 class CompletionEvent(Struct, kw_only=True):

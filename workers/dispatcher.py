@@ -34,6 +34,24 @@ log = structlog.get_logger("dispatcher")
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
+def _published_ms(msg: Msg) -> int:
+    """When the producer's publish reached LLM_REQ (the stream's own timestamp, the same on every
+    redelivery): a request's deadline counts from here, not from when a dispatcher got to it."""
+    return int(msg.metadata.timestamp.timestamp() * 1000)
+
+
+def _check_deadline(req: Request, published_ms: int) -> None:
+    """Raises Refusal(TIMEOUT) for a request whose deadline passed while it waited: its producer has
+    given up, so no provider is called (and paid) for it."""
+    waited = now_ms() - published_ms
+    if waited >= req.timeout_ms:
+        raise Refusal(
+            ErrorCode.TIMEOUT,
+            f"the request waited {waited} ms in the queue, past its timeout_ms of {req.timeout_ms}; nothing was sent"
+            " to a provider",
+        )
+
+
 class ReusedId(InvalidMessage):
     """Another request of the same account used this id within the duplicate window."""
 
@@ -111,9 +129,11 @@ class Dispatcher:
                     " (names of 1-128 characters from A-Z a-z 0-9 _ -)"
                 )
             req = decode_request(msg.data, use_case=use_case, account=account, max_payload=self.pub.nc.max_payload)
+            published_ms = _published_ms(msg)
+            _check_deadline(req, published_ms)
             selection = self.select(req)
             route = selection.chain
-            work = encode(WorkItem(request=req, route=route, attempts=selection.attempts(), accepted_ms=now_ms()))
+            work = encode(WorkItem(request=req, route=route, attempts=selection.attempts(), accepted_ms=published_ms))
             headers = {"Nats-Msg-Id": f"{req.account}:{req.id}"}
             try:
                 self.pub.check(f"{self.prefix}.work.{route[0].pool}", work, headers)
