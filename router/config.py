@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tomllib
+import zoneinfo
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -66,7 +67,11 @@ class PoolConfig(Struct, kw_only=True, forbid_unknown_fields=True):
 
 class RateLimit(Struct, kw_only=True, forbid_unknown_fields=True):
     per_second: Annotated[float, Meta(gt=0)] = 10
+    """Requests per second an account may send, on average."""
     burst: Annotated[int, Meta(ge=1)] = 50
+    """Requests an idle account may send at once."""
+    tokens_per_minute: Annotated[int, Meta(ge=1)] | None = None
+    """Input + output tokens per minute, when set."""
 
 
 class Budget(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -81,8 +86,14 @@ class Limits(Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class LimitsConfig(Struct, kw_only=True, forbid_unknown_fields=True):
+    """An account's limits: `accounts.<name>`, else `tiers.<tier>` of the request, else `default` (a section
+    given replaces the one it overrides whole; what it leaves out takes the built-in defaults)."""
+
     default: Limits = msgspec.field(default_factory=Limits)
+    tiers: dict[str, Limits] = {}
     accounts: dict[str, Limits] = {}
+    timezone: str = "UTC"
+    """Where budget days and months begin and end (an IANA name, e.g. `Europe/Paris`)."""
 
 
 class TierConfig(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -149,6 +160,11 @@ def parse_target(name: str) -> Target:
 
 
 def _check(cfg: Config) -> None:
+    try:
+        zoneinfo.ZoneInfo(cfg.limits.timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"limits.timezone: unknown time zone {cfg.limits.timezone!r} (an IANA name such as"
+                          " `UTC` or `Europe/Paris`)") from None
     for name, pool in cfg.pools.items():
         if pool.provider not in cfg.providers:
             raise ConfigError(f"pools.{name}.provider: unknown provider {pool.provider!r}")
@@ -215,10 +231,11 @@ def _named_sections(raw: Mapping[str, object]) -> None:
                 for tier, targets in tiers.items():
                     _convert(targets, list[str], f"routes.{use_case}.{tier}")
     limits = raw.get("limits")
-    accounts = limits.get("accounts") if isinstance(limits, dict) else None
-    if isinstance(accounts, dict):
-        for key, value in accounts.items():
-            _convert(value, Limits, f"limits.accounts.{key}")
+    for part in ("tiers", "accounts"):
+        named = limits.get(part) if isinstance(limits, dict) else None
+        if isinstance(named, dict):
+            for key, value in named.items():
+                _convert(value, Limits, f"limits.{part}.{key}")
 
 
 def from_mapping(raw: Mapping[str, object]) -> Config:
