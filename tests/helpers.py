@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import msgspec
+import pytest
 from nats.aio.client import Client as NATS
 
 from schemas import Done, Error, Reply, decode_reply
@@ -73,3 +74,28 @@ async def dlq_messages(nc: NATS, stage: str, *, expect: int = 1, timeout: float 
     finally:
         await sub.unsubscribe()
     return out
+
+
+class Result(NamedTuple):
+    """What a `switchyard` command printed and returned."""
+
+    code: int
+    out: str
+    err: str
+
+
+async def switchyard(capsys: pytest.CaptureFixture[str], *args: str) -> Result:
+    """`switchyard ARGS` in this process (on a thread: the command runs its own event loop)."""
+    from workers.cli import main
+
+    def call() -> int:
+        try:
+            main(list(args))
+        except SystemExit as exc:
+            return exc.code if isinstance(exc.code, int) else 1
+        return 0
+
+    capsys.readouterr()  # what this process logged before, not the command's output
+    code = await asyncio.to_thread(call)
+    out, err = capsys.readouterr()
+    return Result(code, out, err)

@@ -8,7 +8,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import NamedTuple
 
 import asyncpg
 import pytest
@@ -19,9 +18,8 @@ from router.providers.fakes import FakeOpenAI
 from schemas import Done
 from workers import accounts as store
 from workers.accounts import APPLICATION, AccountRoutes
-from workers.cli import main
 
-from .helpers import ask_raw, request
+from .helpers import ask_raw, request, switchyard
 from .test_routing import serving, two_pools
 
 FRESH_S = 2.0
@@ -142,25 +140,6 @@ async def test_an_accounts_route_carries_its_requests_and_a_change_is_followed_w
 # --- switchyard accounts route set|list|delete ------------------------------------------------
 
 
-class Result(NamedTuple):
-    code: int
-    out: str
-    err: str
-
-
-async def switchyard(capsys: pytest.CaptureFixture[str], *args: str) -> Result:
-    """`switchyard ARGS` in this process (on a thread: the command runs its own event loop)."""
-
-    def call() -> int:
-        try:
-            main(list(args))
-        except SystemExit as exc:
-            return exc.code if isinstance(exc.code, int) else 1
-        return 0
-
-    code = await asyncio.to_thread(call)
-    out, err = capsys.readouterr()
-    return Result(code, out, err)
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@ from workers import configstore
 from workers.configstore import LiveConfig
 
 from .conftest import fleet_config
-from .test_dlq_cli import js, switchyard  # noqa: F401  (the `js` fixture: streams, NATS_URL)
+from .helpers import switchyard
+from .test_dlq_cli import js  # noqa: F401  (the `js` fixture: streams, NATS_URL)
 
 TOML = """
 [providers.openai]

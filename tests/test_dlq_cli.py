@@ -11,7 +11,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgspec
 import pytest
@@ -21,17 +21,10 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from schemas import Done, Error, Reply, decode_reply
-from workers.cli import main
 from workers.runtime import ensure_topology
 
 from .conftest import Fleet, fleet_config
-from .helpers import request
-
-
-class Result(NamedTuple):
-    code: int
-    out: str
-    err: str
+from .helpers import Result, request, switchyard
 
 
 @pytest.fixture
@@ -43,19 +36,6 @@ async def js(nats_url: str, nc: NATS, monkeypatch: pytest.MonkeyPatch) -> AsyncI
     yield js
 
 
-async def switchyard(capsys: pytest.CaptureFixture[str], *args: str) -> Result:
-    """`switchyard ARGS` in this process (on a thread: the command runs its own event loop)."""
-
-    def call() -> int:
-        try:
-            main(list(args))
-        except SystemExit as exc:
-            return exc.code if isinstance(exc.code, int) else 1
-        return 0
-
-    code = await asyncio.to_thread(call)
-    out, err = capsys.readouterr()
-    return Result(code, out, err)
 
 
 async def put(

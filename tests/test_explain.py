@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -18,11 +17,11 @@ from router import config as config_mod
 from router.config import BreakerPolicy, Config
 from workers import accounts as store
 from workers.admin import Explanation
-from workers.cli import main
 from workers.health import HealthView, PoolHealth
 from workers.runtime import ensure_topology
 
 from .conftest import fleet_config
+from .helpers import Result, switchyard
 from .test_routing import serving
 from .test_selection import FakeHealth
 
@@ -36,25 +35,6 @@ def config(url: str = "http://127.0.0.1:9/v1") -> Config:
     return fleet_config({"openai": url, "backup": url}, routes=routes)
 
 
-class Result(NamedTuple):
-    code: int
-    out: str
-    err: str
-
-
-async def switchyard(capsys: pytest.CaptureFixture[str], *args: str) -> Result:
-    """`switchyard ARGS` in this process (on a thread: the command runs its own event loop)."""
-
-    def call() -> int:
-        try:
-            main(list(args))
-        except SystemExit as exc:
-            return exc.code if isinstance(exc.code, int) else 1
-        return 0
-
-    code = await asyncio.to_thread(call)
-    out, err = capsys.readouterr()
-    return Result(code, out, err)
 
 
 @pytest.fixture

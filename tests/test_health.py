@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
-from typing import NamedTuple
 
 import msgspec
 import nats
@@ -16,11 +15,11 @@ from nats.aio.client import Client as NATS
 from router.breaker import Ticket, Verdict
 from router.config import BreakerPolicy
 from workers import health
-from workers.cli import main
 from workers.health import HealthView, KeyReport, PoolHealth, breaker_status, now_ms, reset_breaker
 from workers.runtime import ensure_topology
 
 from .conftest import fleet_config
+from .helpers import switchyard
 
 
 async def eventually(check: Callable[[], bool], timeout: float = 3.0) -> None:
@@ -190,26 +189,6 @@ async def test_reset_closes_an_open_breaker_everywhere(replicas: Replicas) -> No
 # --- switchyard breaker status | reset --------------------------------------------------------
 
 
-class Result(NamedTuple):
-    code: int
-    out: str
-    err: str
-
-
-async def switchyard(capsys: pytest.CaptureFixture[str], *args: str) -> Result:
-    """`switchyard ARGS` in this process (on a thread: the command runs its own event loop)."""
-
-    def call() -> int:
-        try:
-            main(list(args))
-        except SystemExit as exc:
-            return exc.code if isinstance(exc.code, int) else 1
-        return 0
-
-    capsys.readouterr()  # what this process logged before, not the command's output
-    code = await asyncio.to_thread(call)
-    out, err = capsys.readouterr()
-    return Result(code, out, err)
 
 
 @pytest.fixture

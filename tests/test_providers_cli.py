@@ -24,7 +24,7 @@ from workers import configstore
 from workers.health import HealthView, PoolHealth
 
 from .conftest import Fleet, fleet_config, running_fleet
-from .test_explain import Result, switchyard
+from .helpers import Result, switchyard
 
 KEY = "sk-planted-0123456789abcdef"
 ODD_KEY = "planted:Zq81-no-known-shape"
