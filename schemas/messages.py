@@ -188,6 +188,9 @@ class WorkItem(Struct, kw_only=True):
     attempts: list[Attempt] = []
     accepted_ms: int
     """When the request was published (its LLM_REQ timestamp, Unix ms); the deadline counts from here."""
+    reserved_usd: float = 0.0
+    """What the dispatcher reserved against the account's budget; the worker that ends the request settles it
+    (0: nothing reserved, nothing to settle)."""
 
 
 class CompletionEvent(Struct, kw_only=True):

@@ -38,6 +38,7 @@ from nats.js import JetStreamContext
 from router.errors import ErrorCode
 from schemas import CompletionEvent, decode_event
 
+from .budget import BudgetAlert
 from .publish import Publisher
 
 log = structlog.get_logger("auditor")
@@ -77,6 +78,12 @@ ON CONFLICT (account, request_id) DO UPDATE SET
 -- sent again (a dead-letter replay); a row with a provider call, and so possibly a cost, is never replaced.
 WHERE llm_audit.status = 'error' AND llm_audit.provider IS NULL
 """
+
+_INSERT_ALERT = """
+INSERT INTO llm_budget_alerts (account, period, period_key, threshold_pct, limit_usd, spent_usd, request_id, raised_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING
+"""
+_alert_decoder = msgspec.json.Decoder(BudgetAlert)
 
 _ACQUIRE_TIMEOUT_S = 10.0
 _INSERT_TIMEOUT_S = 60.0
@@ -264,6 +271,10 @@ class Auditor:
         Raises LedgerUnavailable when PostgreSQL cannot take rows now; events already
         committed are acked, the others are left for the caller to nak.
         """
+        alerts = [m for m in msgs if m.subject.endswith(".alerts.budget")]
+        if alerts:
+            await self._record_alerts(alerts)
+            msgs = [m for m in msgs if not m.subject.endswith(".alerts.budget")]
         pending: list[tuple[Msg, tuple[object, ...]]] = []
         for m in msgs:
             try:
@@ -292,6 +303,29 @@ class Auditor:
             await self._store(pending[half:])
             return
         for m, _ in pending:
+            await m.ack()
+
+    async def _record_alerts(self, msgs: list[Msg]) -> None:
+        """Budget alerts into `llm_budget_alerts` (a redelivered one changes nothing), then acked. Raises
+        LedgerUnavailable on an outage; an alert PostgreSQL refuses, or that does not decode, is dead-lettered."""
+        rows: list[tuple[Msg, tuple[object, ...]]] = []
+        for m in msgs:
+            try:
+                a = _alert_decoder.decode(m.data)
+                rows.append((m, (a.account, a.period, a.period_key, a.threshold_pct, a.limit_usd, a.spent_usd,
+                                 a.request_id, _ts("at_ms", a.at_ms))))
+            except Exception as exc:
+                await self._dead_letter(m, ErrorCode.INVALID_REQUEST, f"not a budget alert: {_why_unreadable(exc)}")
+        try:
+            async with self.pool.acquire(timeout=_ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
+                await conn.executemany(_INSERT_ALERT, [r for _, r in rows], timeout=_INSERT_TIMEOUT_S)
+        except Exception as exc:
+            if is_outage(exc):
+                raise LedgerUnavailable(f"{type(exc).__name__}: {exc}") from exc
+            for m, _ in rows:
+                await self._dead_letter(m, _why_refused(exc)[0], _why_refused(exc)[1])
+            return
+        for m, _ in rows:
             await m.ack()
 
     async def _insert(self, rows: list[tuple[object, ...]]) -> None:

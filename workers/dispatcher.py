@@ -25,6 +25,7 @@ from schemas import (
 from schemas.limits import id_problem
 
 from .accounts import AccountRoutes
+from .budget import BudgetRefused, Budgets
 from .publish import Publisher, PublishRefused, now_ms, prompt_fingerprint
 from .pull import serve_pull
 from .runtime import MAX_DELIVER
@@ -79,6 +80,7 @@ class Dispatcher:
         concurrency: int = 256,
         health: Health | None = None,
         accounts: AccountRoutes | None = None,
+        budgets: Budgets | None = None,
     ) -> None:
         """`health` says which pools and providers can be called (default: all of them); `accounts`
         holds the accounts' own routes, followed while `serve` runs (default: none)."""
@@ -90,6 +92,8 @@ class Dispatcher:
         self.health: Health = health if health is not None else AlwaysHealthy()
         self.live_health = health is not None
         self.accounts = accounts
+        self.budgets = budgets
+        """The accounts' budgets, shared by every replica (default: none enforced)."""
 
     async def serve(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -132,12 +136,17 @@ class Dispatcher:
             published_ms = _published_ms(msg)
             _check_deadline(req, published_ms)
             selection = self.select(req)
+            # Raises BudgetRefused; a redelivery finds its own reservation rather than adding another.
+            reserved = await self.budgets.reserve(self.cfg, req, selection, published_ms) if self.budgets else 0.0
             route = selection.chain
-            work = encode(WorkItem(request=req, route=route, attempts=selection.attempts(), accepted_ms=published_ms))
+            work = encode(WorkItem(request=req, route=route, attempts=selection.attempts(), accepted_ms=published_ms,
+                                   reserved_usd=reserved))
             headers = {"Nats-Msg-Id": f"{req.account}:{req.id}"}
             try:
                 self.pub.check(f"{self.prefix}.work.{route[0].pool}", work, headers)
             except PublishRefused as exc:
+                if self.budgets is not None:
+                    await self.budgets.release(self.cfg, req, published_ms, reserved)
                 raise InvalidMessage(f"invalid request: too large to hand to a pool: {exc}", field="$") from None
             ack = await self.pub.publish(f"{self.prefix}.work.{route[0].pool}", work, headers)
             if ack.duplicate and msg.metadata.num_delivered == 1:
@@ -157,6 +166,9 @@ class Dispatcher:
             await self._refuse(msg, err, req, use_case, account, record=record)
             await msg.term()
         except Refusal as exc:
+            await self._refuse(msg, exc, req, use_case, account)
+            await msg.term()
+        except BudgetRefused as exc:
             await self._refuse(msg, exc, req, use_case, account)
             await msg.term()
 

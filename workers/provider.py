@@ -37,6 +37,7 @@ from schemas import (
     encode,
 )
 
+from .budget import Budgets
 from .health import HealthView, PoolHealth
 from .progress import Finished, Progress
 from .publish import Publisher, now_ms, prompt_fingerprint
@@ -156,6 +157,7 @@ class PoolWorker:
         *,
         keepalive_s: float | None = None,
         health: PoolHealth | None = None,
+        budgets: Budgets | None = None,
     ) -> None:
         """`health` is the pool's shared breaker, its provider's credit and its key report (default: read
         and written through `js`'s KV buckets)."""
@@ -172,6 +174,8 @@ class PoolWorker:
         # How often a long call tells JetStream it is still in progress: well inside ack_wait.
         self.heartbeat = _Heartbeat(keepalive_s if keepalive_s is not None else self.pool.ack_wait_ms / 3000)
         self.progress = progress
+        self.budgets = budgets
+        """Settles each request's budget reservation when it ends (default: nothing settled)."""
         self.log = log.bind(pool=pool)
         self.health = health or PoolHealth(
             HealthView(js), pool=pool, policy=self.pool.breaker, provider=self.provider_name,
@@ -368,7 +372,8 @@ class PoolWorker:
                        input_tokens=out.usage.input_tokens, output_tokens=out.usage.output_tokens)
             return
         if self._can_fall_back(work, out, failure):
-            nxt = WorkItem(request=req, route=work.route[1:], attempts=work.attempts, accepted_ms=work.accepted_ms)
+            nxt = WorkItem(request=req, route=work.route[1:], attempts=work.attempts, accepted_ms=work.accepted_ms,
+                           reserved_usd=work.reserved_usd)
             await self.pub.publish(
                 f"{self.pub.prefix}.work.{nxt.route[0].pool}",
                 encode(nxt),
@@ -386,10 +391,12 @@ class PoolWorker:
         may call the provider again: an event that cannot be published is kept in the progress bucket
         for the redelivery to publish, and the error goes up so the item is delivered again."""
         req = work.request
-        if failure is None:
-            await self.pub.reply(req.reply_to, self._done(req, work, out), account=req.account)
-        else:
-            await self.pub.reply(req.reply_to, failure.to_reply(req.id, out.seq), account=req.account)
+        reply = self._done(req, work, out) if failure is None else failure.to_reply(req.id, out.seq)
+        if self.budgets is None:
+            await self.pub.reply(req.reply_to, reply, account=req.account)
+        else:  # the settlement (it never raises) alongside the reply, not in front of it
+            settle = self.budgets.settle(self.cfg, work, out.cost_usd, failed=failure is not None)
+            await asyncio.gather(self.pub.reply(req.reply_to, reply, account=req.account), settle)
         out.terminal_sent = True
         await self.progress.finished(req.account, req.id)
         event = encode(self._event(work, out, error=failure.code.value if failure else None))

@@ -154,12 +154,16 @@ def _streams(prefix: str) -> list[js_api.StreamConfig]:
                             duplicate_window=120.0),
         js_api.StreamConfig(name="LLM_WORK", subjects=[f"{prefix}.work.>"], retention=work, storage=file,
                             duplicate_window=120.0),
-        js_api.StreamConfig(name="LLM_EVENTS", subjects=[f"{prefix}.events.>"], retention=limits, storage=file,
-                            max_age=7 * DAY, duplicate_window=120.0),
+        # Budget alerts (`<prefix>.alerts.budget`) travel with the events, to the same auditor.
+        js_api.StreamConfig(name="LLM_EVENTS", subjects=[f"{prefix}.events.>", f"{prefix}.alerts.>"],
+                            retention=limits, storage=file, max_age=7 * DAY, duplicate_window=120.0),
         js_api.StreamConfig(name="LLM_DLQ", subjects=[f"{prefix}.dlq.>"], retention=limits, storage=file,
                             max_age=30 * DAY),
         js_api.StreamConfig(name="LLM_RES", subjects=[f"{prefix}.res.>"], retention=limits, storage=file,
                             max_age=DAY, duplicate_window=120.0),
+        # Budget spend as nats-server counters (workers/budget.py): a month's outlive the month.
+        js_api.StreamConfig(name="LLM_BUDGET", subjects=[f"{prefix}.budget.>"], retention=limits, storage=file,
+                            max_age=40 * DAY, duplicate_window=120.0, allow_msg_counter=True, allow_direct=True),
     ]
 
 
@@ -191,7 +195,7 @@ def audit_consumer(prefix: str) -> js_api.ConsumerConfig:
     # No max_deliver: an event waits for PostgreSQL as long as it takes, never dropped.
     return js_api.ConsumerConfig(
         durable_name="audit",
-        filter_subject=f"{prefix}.events.>",
+        filter_subjects=[f"{prefix}.events.>", f"{prefix}.alerts.>"],
         ack_policy=js_api.AckPolicy.EXPLICIT,
         ack_wait=60.0,
         max_ack_pending=20_000,

@@ -1,0 +1,142 @@
+"""Budget policy: which day and month a request counts in, what it reserves, what limits it meets.
+
+Pure: no I/O and no clock of its own (times are passed in, Unix ms). Amounts are integer
+micro-dollars (1 USD = 1,000,000) so that shared counters add them exactly; `usd()` turns
+them back for messages and replies.
+
+A request reserves its worst case before it is forwarded: its estimated prompt tokens plus
+its `max_tokens` (else the model's output limit, else `DEFAULT_OUTPUT_TOKENS`) priced at
+the dearest target of its chain. When it ends, the reservation is settled to the real cost.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import zoneinfo
+from collections.abc import Mapping
+from functools import lru_cache
+from typing import Literal
+
+import msgspec
+
+from schemas import Request, Target, Usage
+
+from .config import Budget, Config
+from .models import model_info
+from .pricing import target_cost_usd
+
+MICROS = 1_000_000
+DEFAULT_OUTPUT_TOKENS = 4_096
+"""Answer tokens reserved when neither the request (`max_tokens`) nor the model's entry bounds them."""
+
+PeriodKind = Literal["day", "month"]
+
+
+class Periods(msgspec.Struct, frozen=True, kw_only=True):
+    """The budget periods a moment falls in, as counter keys: `d20261130`, `m202611`."""
+
+    day: str
+    month: str
+
+    def of(self, kind: PeriodKind) -> str:
+        return self.day if kind == "day" else self.month
+
+
+class Override(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """An account's limits set by `switchyard budget set`; a field left None keeps the config's."""
+
+    daily_usd: float | None = None
+    monthly_usd: float | None = None
+
+
+class UnpricedTargets(ValueError):
+    """The chain has targets nothing prices; under a budget their cost could not be counted."""
+
+    def __init__(self, targets: list[str]) -> None:
+        super().__init__(
+            f"no price is known for {', '.join(targets)}, so this request's cost could not be counted against the"
+            " account's budget; the operator must price the model ([models.\"<model>\"] input_usd_per_mtok and"
+            " output_usd_per_mtok) or mark it free"
+        )
+        self.targets = targets
+
+
+@lru_cache(maxsize=16)
+def _zone(name: str) -> zoneinfo.ZoneInfo:
+    return zoneinfo.ZoneInfo(name)
+
+
+def periods(at_ms: int, timezone: str) -> Periods:
+    """The day and month `at_ms` falls in, in `timezone` (an IANA name the config validated)."""
+    local = dt.datetime.fromtimestamp(at_ms / 1000, tz=_zone(timezone))
+    return Periods(day=f"d{local:%Y%m%d}", month=f"m{local:%Y%m}")
+
+
+def limits_for(cfg: Config, account: str, tier: str, overrides: Mapping[str, Override]) -> Budget:
+    """The budget a request meets: `budget set`'s override first (field by field), then the config's
+    `limits.accounts.<account>`, `limits.tiers.<tier>`, `limits.default`."""
+    lim = cfg.limits
+    base = (lim.accounts.get(account) or lim.tiers.get(tier) or lim.default).budget
+    own = overrides.get(account)
+    if own is None:
+        return base
+    return Budget(
+        daily_usd=base.daily_usd if own.daily_usd is None else own.daily_usd,
+        monthly_usd=base.monthly_usd if own.monthly_usd is None else own.monthly_usd,
+        alert_at=base.alert_at,
+    )
+
+
+def to_micros(usd: float) -> int:
+    """USD to micro-dollars, rounded up: a reservation or cost is never counted short."""
+    return max(0, math.ceil(usd * MICROS - 1e-6))
+
+
+def usd(micros: int) -> float:
+    return micros / MICROS
+
+
+def reservation(cfg: Config, req: Request, chain: list[Target], prompt_tokens: int) -> int:
+    """The worst-case cost of `req` in micro-dollars: `prompt_tokens` in and the most it may answer, at the
+    dearest target of `chain`. Raises UnpricedTargets when a target of the chain has no price (and is not
+    free): a fallback to it would spend without being counted."""
+    worst = 0.0
+    unpriced: list[str] = []
+    for t in chain:
+        provider = cfg.pools[t.pool].provider
+        out = req.max_tokens or model_info(cfg, cfg.providers[provider].format, t.model).max_output_tokens
+        cost = target_cost_usd(cfg, provider, t.model,
+                               Usage(input_tokens=prompt_tokens, output_tokens=out or DEFAULT_OUTPUT_TOKENS))
+        if cost is None:
+            unpriced.append(f"{t.pool}:{t.model}")
+        else:
+            worst = max(worst, cost)
+    if unpriced:
+        raise UnpricedTargets(unpriced)
+    return to_micros(worst)
+
+
+def over_limit_message(
+    account: str, kind: PeriodKind, limit: int, committed: int, reserve: int
+) -> str:
+    """The BUDGET_EXCEEDED message: the period, the limit, what is spent or reserved, this request's reservation."""
+    period = "daily" if kind == "day" else "monthly"
+    return (
+        f"{period} budget of ${usd(limit):.2f} for account {account} would be exceeded: ${usd(committed):.4f} is"
+        f" spent or reserved by requests in flight, and this request reserves up to ${usd(reserve):.4f} (its prompt"
+        " and max_tokens at the dearest target of its route); lower max_tokens, or wait for the next period"
+    )
+
+
+def crossed(before: int, after: int, limit: int, alert_at: float) -> list[int]:
+    """The alert thresholds (percent of `limit`: `alert_at`, then 100) that spend moving from `before` to
+    `after` crossed upwards. A zero limit has none: nothing can be spent under it."""
+    if limit <= 0 or after <= before:
+        return []
+    out: list[int] = []
+    for pct in sorted({round(alert_at * 100), 100}):
+        mark = limit * pct / 100
+        if before < mark <= after:
+            out.append(pct)
+    return out
