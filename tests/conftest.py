@@ -29,6 +29,7 @@ from router import config as config_mod
 from router.config import Config
 from router.providers.fakes import FakeOpenAI
 from workers.auditor import Auditor
+from workers.budget import Budgets
 from workers.db import migrate
 from workers.dispatcher import Dispatcher
 from workers.health import HealthView
@@ -150,8 +151,10 @@ class Fleet:
 
     def __init__(
         self, nats_url: str, cfg: Config, db: asyncpg.Pool | None, pools: list[str] | None = None,
-        api_keys: dict[str, str | None] | None = None, **worker_opts: Any
+        api_keys: dict[str, str | None] | None = None, *, budgets: bool = False, **worker_opts: Any
     ) -> None:
+        self.budgets = budgets
+        """Budgets enforced by the dispatcher and settled by the workers."""
         self.worker_opts = worker_opts
         self.api_keys = api_keys if api_keys is not None else {n: "sk-test-not-a-real-key" for n in cfg.providers}
         self.pools = list(cfg.pools) if pools is None else pools
@@ -180,13 +183,16 @@ class Fleet:
             djs = dnc.jetstream()
             self.health = HealthView(djs)
             await self.health.start()
-            tg.create_task(Dispatcher(djs, Publisher(dnc, djs, prefix), self.cfg, health=self.health).serve(self.stop))
+            tg.create_task(Dispatcher(djs, Publisher(dnc, djs, prefix), self.cfg, health=self.health,
+                                      budgets=await Budgets.open(djs, prefix) if self.budgets else None,
+                                      ).serve(self.stop))
             for pool in self.pools:
                 wnc = await self._conn()
                 wjs = wnc.jetstream()
                 progress = Progress(wnc, await ensure_bucket(wjs))
                 worker = PoolWorker(
-                    wjs, Publisher(wnc, wjs, prefix), http, self.cfg, pool, self.api_keys, progress, **self.worker_opts
+                    wjs, Publisher(wnc, wjs, prefix), http, self.cfg, pool, self.api_keys, progress, **self.worker_opts,
+                    budgets=await Budgets.open(wjs, prefix) if self.budgets else None,
                 )
                 tg.create_task(worker.serve(self.stop))
             if self.db is not None:
@@ -205,10 +211,10 @@ class Fleet:
 @contextlib.asynccontextmanager
 async def running_fleet(
     nats_url: str, cfg: Config, db: asyncpg.Pool | None, pools: list[str] | None = None,
-    api_keys: dict[str, str | None] | None = None, **worker_opts: Any
+    api_keys: dict[str, str | None] | None = None, *, budgets: bool = False, **worker_opts: Any
 ) -> AsyncIterator[Fleet]:
     """The fleet in this process; `pools` limits which pools get a worker here (default: all)."""
-    fleet = Fleet(nats_url, cfg, db, pools, api_keys, **worker_opts)
+    fleet = Fleet(nats_url, cfg, db, pools, api_keys, budgets=budgets, **worker_opts)
     started = asyncio.Event()
     task = asyncio.create_task(fleet.run(started))
     fleet.task = task

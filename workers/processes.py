@@ -19,6 +19,7 @@ from router.config import Config, ConfigError
 from . import admin, configstore
 from .accounts import AccountRoutes
 from .auditor import Auditor
+from .budget import Budgets
 from .configstore import LiveConfig
 from .db import database_url, migrate
 from .dispatcher import Dispatcher
@@ -105,7 +106,7 @@ async def run_dispatcher(stop: asyncio.Event, cfg: Config, nats_url: str) -> Non
         health = HealthView(js)  # breakers, credit and keys, followed while it serves
         await health.start()
         dispatcher = Dispatcher(js, Publisher(nc, js, cfg.subject_prefix), cfg, accounts=account_routes(),
-                                health=health)
+                                health=health, budgets=await Budgets.open(js, cfg.subject_prefix))
         live.on_change(lambda new: setattr(dispatcher, "cfg", new))  # one assignment: a whole config at once
         service = await admin.start(nc, dispatcher, cfg.subject_prefix)
         try:
@@ -154,7 +155,8 @@ async def run_worker(stop: asyncio.Event, cfg: Config, nats_url: str, pool: str)
         await ensure_topology(js, cfg)
         async with http_client() as http:
             progress = Progress(nc, await ensure_bucket(js))
-            worker = PoolWorker(js, Publisher(nc, js, cfg.subject_prefix), http, cfg, pool, api_keys(cfg), progress)
+            worker = PoolWorker(js, Publisher(nc, js, cfg.subject_prefix), http, cfg, pool, api_keys(cfg), progress,
+                                budgets=await Budgets.open(js, cfg.subject_prefix))
             live.on_change(lambda new: worker.reconfigure(new, api_keys(new)))
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(live.follow(js, stop))
