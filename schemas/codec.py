@@ -95,6 +95,11 @@ def _check_rules(req: Request) -> None:
     problem = limits.reply_to_problem(req.reply_to)
     if problem:
         raise InvalidMessage(f"invalid request: {problem}", field="$.reply_to")
+    if req.queue_ms > req.timeout_ms:
+        raise InvalidMessage(
+            f"invalid request: `queue_ms` ({req.queue_ms}) is more than `timeout_ms` ({req.timeout_ms})",
+            field="$.queue_ms",
+        )
     if req.tool_choice is not None and req.tool_choice != "none" and not req.tools:
         raise InvalidMessage("invalid request: `tool_choice` is set but `tools` is empty", field="$.tool_choice")
     images = 0

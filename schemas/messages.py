@@ -108,6 +108,9 @@ class Request(Struct, kw_only=True, omit_defaults=True):
     tool_choice: ToolChoice | None = None
     reply_to: NonEmpty
     timeout_ms: Annotated[int, Meta(gt=0, le=3_600_000)] = 60_000
+    queue_ms: Annotated[int, Meta(ge=0, le=3_600_000)] = 0
+    """How long the request may wait for its account's rate limit (from its publish) instead of being
+    refused RATE_LIMITED; 0: not at all. At most `timeout_ms` (checked at the door)."""
     metadata: Metadata = {}
 
 

@@ -26,7 +26,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from router import config as config_mod
-from router.config import Config
+from router.config import Config, LimitsConfig
 from router.providers.fakes import FakeOpenAI
 from workers.auditor import Auditor
 from workers.budget import Budgets
@@ -37,6 +37,7 @@ from workers.processes import http_client
 from workers.progress import Progress, ensure_bucket
 from workers.provider import PoolWorker
 from workers.publish import Publisher
+from workers.ratelimits import RateLimiter
 from workers.runtime import ensure_topology
 
 
@@ -184,6 +185,9 @@ class Fleet:
             self.health = HealthView(djs)
             await self.health.start()
             tg.create_task(Dispatcher(djs, Publisher(dnc, djs, prefix), self.cfg, health=self.health,
+                                      # enforced when the test's config sets [limits]: the built-in 10/s would
+                                      # refuse the floods some tests send through one account
+                                      rates=await RateLimiter.open(djs) if self.cfg.limits != LimitsConfig() else None,
                                       budgets=await Budgets.open(djs, prefix) if self.budgets else None,
                                       ).serve(self.stop))
             for pool in self.pools:

@@ -28,6 +28,7 @@ from .accounts import AccountRoutes
 from .budget import BudgetRefused, Budgets
 from .publish import Publisher, PublishRefused, now_ms, prompt_fingerprint
 from .pull import serve_pull
+from .ratelimits import RateLimited, RateLimiter
 from .runtime import MAX_DELIVER
 
 log = structlog.get_logger("dispatcher")
@@ -80,6 +81,7 @@ class Dispatcher:
         concurrency: int = 256,
         health: Health | None = None,
         accounts: AccountRoutes | None = None,
+        rates: RateLimiter | None = None,
         budgets: Budgets | None = None,
     ) -> None:
         """`health` says which pools and providers can be called (default: all of them); `accounts`
@@ -92,6 +94,8 @@ class Dispatcher:
         self.health: Health = health if health is not None else AlwaysHealthy()
         self.live_health = health is not None
         self.accounts = accounts
+        self.rates = rates
+        """The accounts' rate limits, shared by every replica (default: none enforced)."""
         self.budgets = budgets
         """The accounts' budgets, shared by every replica (default: none enforced)."""
 
@@ -107,7 +111,8 @@ class Dispatcher:
                                 effect="serving with the config's routes until PostgreSQL answers")
             log.info("dispatcher_started", account_routes=self.accounts is not None)
             await serve_pull(self.pub.nc, "LLM_REQ", "dispatch", self.handle, stop, limit=self.concurrency,
-                             give_up=self.give_up, max_deliver=MAX_DELIVER)
+                             give_up=self.give_up, max_deliver=MAX_DELIVER,
+                             holds=self.rates.holds if self.rates is not None else None)
 
     def select(self, req: Request) -> Selection:
         """The chain for an accepted request. Raises Refusal (with the skipped targets) when it is empty."""
@@ -135,6 +140,11 @@ class Dispatcher:
             req = decode_request(msg.data, use_case=use_case, account=account, max_payload=self.pub.nc.max_payload)
             published_ms = _published_ms(msg)
             _check_deadline(req, published_ms)
+            if self.rates is not None:
+                held_ms = await self.rates.admit(req, msg, published_ms, self.cfg.limits)  # raises RateLimited
+                if held_ms is not None:  # waits for its booked turn in the stream (queue_ms), not in a slot here
+                    await msg.nak(delay=held_ms / 1000)
+                    return
             selection = self.select(req)
             # Raises BudgetRefused; a redelivery finds its own reservation rather than adding another.
             reserved = await self.budgets.reserve(self.cfg, req, selection, published_ms) if self.budgets else 0.0
@@ -165,7 +175,7 @@ class Dispatcher:
             err = SwitchyardError(ErrorCode.INVALID_REQUEST, str(exc))
             await self._refuse(msg, err, req, use_case, account, record=record)
             await msg.term()
-        except Refusal as exc:
+        except (Refusal, RateLimited) as exc:
             await self._refuse(msg, exc, req, use_case, account)
             await msg.term()
         except BudgetRefused as exc:

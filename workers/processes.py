@@ -27,6 +27,7 @@ from .health import HealthView
 from .progress import Progress, ensure_bucket
 from .provider import PoolWorker
 from .publish import Publisher
+from .ratelimits import RateLimiter
 from .runtime import connect, ensure_topology
 
 log = structlog.get_logger()
@@ -106,7 +107,8 @@ async def run_dispatcher(stop: asyncio.Event, cfg: Config, nats_url: str) -> Non
         health = HealthView(js)  # breakers, credit and keys, followed while it serves
         await health.start()
         dispatcher = Dispatcher(js, Publisher(nc, js, cfg.subject_prefix), cfg, accounts=account_routes(),
-                                health=health, budgets=await Budgets.open(js, cfg.subject_prefix))
+                                health=health, rates=await RateLimiter.open(js),
+                                budgets=await Budgets.open(js, cfg.subject_prefix))
         live.on_change(lambda new: setattr(dispatcher, "cfg", new))  # one assignment: a whole config at once
         service = await admin.start(nc, dispatcher, cfg.subject_prefix)
         try:

@@ -45,6 +45,9 @@ class _Request:
 
 GiveUp = Callable[[Msg, str], Awaitable[None]]
 """Copies a message the loop gives up on to the dead-letter queue, with the reason."""
+Holds = Callable[[Msg], Awaitable[int]]
+"""How many of a message's deliveries were holds (the handler naked it on purpose, to see it again
+later), which do not count toward `max_deliver`."""
 
 
 async def serve_pull(
@@ -59,6 +62,7 @@ async def serve_pull(
     max_deliver: int,
     batch: int = 64,
     api_prefix: str = "$JS.API",
+    holds: Holds | None = None,
 ) -> None:
     """Run `handle` on each message of a durable pull consumer, at most `limit` at once, until
     `stop` is set; then let the running handlers finish.
@@ -68,6 +72,7 @@ async def serve_pull(
     (the consumer itself sets no limit, so a message whose handling kills the process comes back
     too), the message is given up on: `give_up` copies it to the dead-letter queue and it is
     terminated. No message stays in the stream unhandled, and nothing a message does ends the loop.
+    Deliveries that `holds` says were holds are not counted (asked only once the count matters).
     """
     next_subject = f"{api_prefix}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
     inbox = nc.new_inbox()
@@ -92,6 +97,14 @@ async def serve_pull(
             nonlocal busy
             try:
                 delivered = msg.metadata.num_delivered
+                if holds is not None and delivered >= max_deliver:
+                    try:
+                        delivered -= await holds(msg)
+                    except Exception:
+                        # Whether it was held cannot be told now: look again later rather than give up on it.
+                        log.exception("holds_unknown", subject=msg.subject, stream=stream, consumer=consumer)
+                        await last_resort(msg, "", final=False)
+                        return
                 if delivered > max_deliver:
                     reason = f"delivered {delivered} times without being handled (the handler never finished)"
                     log.error("poison_message", subject=msg.subject, stream=stream, deliveries=delivered)

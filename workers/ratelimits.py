@@ -1,0 +1,202 @@
+"""Account rate limits shared by every dispatcher replica, in the JetStream KV bucket `llm_rates`.
+
+- `a.<account>`: the account's GCRA state (router/ratelimit.py), changed only by compare-and-set, so
+  any number of replicas admit exactly what one would. Each write carries a per-message TTL that ends
+  when the state has drained back to a full bucket: an idle account leaves nothing behind, and a
+  state that expired is exactly the same as none. A replica that dies loses nothing: the state is
+  the server's.
+- `h.<stream sequence>`: a request that waits for its turn (`queue_ms`): how many times it was held,
+  and the moment it was booked for. It expires after the request's deadline.
+
+Each replica keeps the last state it saw of up to CACHE_SIZE accounts (least recently used first out),
+so an account it served a moment ago costs one compare-and-set, not a read and a write. A cached
+state can only be behind the server's (the TATs only grow), so a refusal it gives is right; it is
+re-read before the refusal goes out, so that the retry hint counts what the other replicas admitted.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import time
+
+import msgspec
+import structlog
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.errors import APIError, BucketNotFoundError, KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from router import ratelimit
+from router.config import LimitsConfig, RateLimit
+from router.errors import ErrorCode, SwitchyardError
+from router.ratelimit import RateState
+from schemas import Request
+
+log = structlog.get_logger("ratelimits")
+
+BUCKET = "llm_rates"
+CACHE_SIZE = 4096
+"""Accounts whose last state a replica keeps; a bound, not a limit: others are read when they come."""
+MAX_HOLDS = 256
+"""Requests one replica holds at once. A held request stays unacknowledged in LLM_REQ and counts
+against the dispatch consumer's max_ack_pending (1000), so replicas × MAX_HOLDS must stay below it
+or held requests would stop fresh ones from being delivered."""
+EARLY_US = 2_000
+"""A held request delivered this close before its booked moment is served (a nak's delay is not
+exact to the millisecond)."""
+_CAS_TRIES = 50
+_WRONG_LAST = (10071, 10164)  # the server's "wrong last sequence" error codes
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+class RateLimited(SwitchyardError):
+    """RATE_LIMITED for a request, naming its account and limit, with the retry hint when there is one."""
+
+    def __init__(self, message: str, retry_after_ms: int | None) -> None:
+        super().__init__(ErrorCode.RATE_LIMITED, message, retry_after_ms=retry_after_ms)
+
+
+class Hold(msgspec.Struct, array_like=True, frozen=True):
+    holds: int
+    at_us: int
+
+
+_state = msgspec.json.Decoder(RateState)
+_hold = msgspec.json.Decoder(Hold)
+
+
+class RateLimiter:
+    """Admits requests against their account's limit, exactly across replicas (see the module doc)."""
+
+    def __init__(self, js: JetStreamContext, kv: KeyValue) -> None:
+        self.js = js
+        self.kv = kv
+        self._subject = f"$KV.{BUCKET}."
+        self._cache: collections.OrderedDict[str, tuple[RateState, int]] = collections.OrderedDict()
+        self._held: list[int] = []
+        """A heap of when each request this replica holds is due (µs): how many are held now."""
+        self.conflicts = 0
+        """Compare-and-sets lost to another replica's write (each one is re-read and tried again)."""
+
+    @classmethod
+    async def open(cls, js: JetStreamContext) -> RateLimiter:
+        """The limiter on the `llm_rates` bucket, created when missing."""
+        try:
+            kv = await js.key_value(BUCKET)
+        except BucketNotFoundError:
+            kv = await js.create_key_value(
+                js_api.KeyValueConfig(bucket=BUCKET, history=1, storage=js_api.StorageType.FILE)
+            )
+        return cls(js, kv)
+
+    async def admit(self, req: Request, msg: Msg, published_ms: int, limits: LimitsConfig) -> int | None:
+        """None when `req` may go on now; the milliseconds to hold it for when it waits for its booked
+        turn (the caller naks it with that delay; it is admitted when it comes back).
+
+        Raises RateLimited when the limit does not admit it within its `queue_ms` (counted from its
+        publish, and never past its deadline). Raises what NATS raises when the bucket cannot be used:
+        the request is then delivered again by the pull loop, never let through unchecked.
+        """
+        now = now_us()
+        seq = msg.metadata.sequence.stream
+        hold: Hold | None = None
+        if msg.metadata.num_delivered > 1 and req.queue_ms:
+            hold = await self._read_hold(seq)
+            if hold is not None and hold.at_us > 0:
+                if hold.at_us - now <= EARLY_US:
+                    return None  # its turn, booked when it was first held
+                return await self._hold(seq, hold.holds + 1, hold.at_us, req, published_ms, now)
+        limit = ratelimit.limits_for(limits, req.account, req.tier)
+        tokens = ratelimit.estimated_tokens(req) if limit.tokens_per_minute else 0
+        wait_us = 0
+        if req.queue_ms and self._holding(now) < MAX_HOLDS:
+            end_ms = published_ms + min(req.queue_ms, req.timeout_ms)
+            wait_us = end_ms * 1000 - now
+        decision = await self._decide(req.account, limit, now, tokens, wait_us)
+        if decision.admitted:
+            if decision.at_us - now <= EARLY_US:
+                return None
+            return await self._hold(seq, (hold.holds if hold else 0) + 1, decision.at_us, req, published_ms, now)
+        what = f"account {req.account!r} is limited to {ratelimit.describe(limit)}"
+        if decision.impossible:
+            raise RateLimited(f"{what}: {decision.impossible}", None)
+        waited = " within its queue_ms" if req.queue_ms else ""
+        raise RateLimited(f"{what}; this request was not admitted{waited}", decision.retry_after_ms)
+
+    async def holds(self, msg: Msg) -> int:
+        """How many of `msg`'s deliveries were holds rather than failures (for the pull loop's count)."""
+        hold = await self._read_hold(msg.metadata.sequence.stream)
+        return hold.holds if hold is not None else 0
+
+    async def _decide(
+        self, account: str, limit: RateLimit, now: int, tokens: int, wait_us: int
+    ) -> ratelimit.Decision:
+        key = f"a.{account}"
+        cached = self._cache.get(key)
+        fresh = cached is None
+        state, rev = cached if cached is not None else await self._read(key)
+        for _ in range(_CAS_TRIES):
+            decision = ratelimit.decide(state, limit, now, tokens=tokens, wait_us=wait_us)
+            if not decision.admitted:
+                if fresh:
+                    self._remember(key, state, rev)
+                    return decision
+            else:
+                ttl_s = max(1, -(-(decision.state.idle_after_us() - now) // 1_000_000) + 1)
+                headers = {"Nats-Expected-Last-Subject-Sequence": str(rev)}
+                try:
+                    ack = await self.js.publish(self._subject + key, msgspec.json.encode(decision.state),
+                                                headers=headers, msg_ttl=ttl_s)
+                except APIError as exc:
+                    if exc.err_code not in _WRONG_LAST:
+                        raise
+                    self.conflicts += 1
+                else:
+                    self._remember(key, decision.state, ack.seq)
+                    return decision
+            state, rev = await self._read(key)
+            fresh = True
+            now = now_us()
+        raise RuntimeError(f"the rate state of account {account!r} kept changing under {_CAS_TRIES} tries")
+
+    async def _read(self, key: str) -> tuple[RateState, int]:
+        try:
+            entry = await self.kv.get(key)
+        except KeyNotFoundError:
+            return RateState(), 0
+        try:
+            return _state.decode(entry.value or b""), entry.revision or 0
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            log.warning("bad_rate_state", key=key, effect="counted as a full bucket and overwritten")
+            return RateState(), entry.revision or 0
+
+    def _remember(self, key: str, state: RateState, rev: int) -> None:
+        self._cache[key] = (state, rev)
+        self._cache.move_to_end(key)
+        if len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+
+    async def _read_hold(self, seq: int) -> Hold | None:
+        try:
+            entry = await self.kv.get(f"h.{seq}")
+            return _hold.decode(entry.value or b"")
+        except (KeyNotFoundError, msgspec.DecodeError, msgspec.ValidationError):
+            return None
+
+    async def _hold(self, seq: int, holds: int, at_us: int, req: Request, published_ms: int, now: int) -> int:
+        """Record the hold (before the nak, so a redelivery finds it) and return its delay in ms."""
+        ttl_s = max(1, (published_ms + req.timeout_ms - now // 1000) // 1000 + 60)
+        await self.js.publish(f"{self._subject}h.{seq}", msgspec.json.encode(Hold(holds, at_us)), msg_ttl=ttl_s)
+        heapq.heappush(self._held, at_us)
+        return max(1, -(-(at_us - now) // 1000))
+
+    def _holding(self, now: int) -> int:
+        held = self._held
+        while held and (held[0] <= now or len(held) > MAX_HOLDS):
+            heapq.heappop(held)
+        return len(held)
