@@ -271,8 +271,8 @@ async def up(stop: asyncio.Event, *, config_path: str | None, data_dir: Path, na
     cfg = load_config(config_path)
     for target in pricing.unpriced_targets(cfg):
         model = target.partition(":")[2]
-        say(f'no price for {target}: its cost is recorded as null; give [models."{model}"]'
-            " input_usd_per_mtok and output_usd_per_mtok, or free = true")
+        say(f"no price for {target}: a budget cannot count its cost, so requests whose route includes it are refused"
+            f' BUDGET_EXCEEDED; give [models."{model}"] input_usd_per_mtok and output_usd_per_mtok, or free = true')
     children: list[_Child] = []
     pg_server: Any = None
     demo: FakeOpenAI | None = None
