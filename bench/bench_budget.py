@@ -32,10 +32,11 @@ from pathlib import Path
 import msgspec
 import nats
 import uvloop
+from nats.aio.client import Client as NATS
 
 from router import config as config_mod
 from router.config import Config
-from router.routing import Selection
+from router.routing import Selection, Source
 from schemas import Request, Target, WorkItem
 from workers.budget import Budgets
 from workers.publish import now_ms
@@ -63,8 +64,8 @@ async def _one(cfg: Config, d: Budgets, w: Budgets, reserve_ms: list[float], set
     req = _request()
     published = now_ms()
     t0 = time.perf_counter()
-    reserved = await d.reserve(cfg, req, Selection(chain=CHAIN, skipped=[], source="config", prompt_tokens=75),
-                               published)
+    selection = Selection(chain=CHAIN, skipped=[], source=Source.DEFAULT_ROUTE, prompt_tokens=75)
+    reserved = await d.reserve(cfg, req, selection, published)
     t1 = time.perf_counter()
     await w.settle(cfg, WorkItem(request=req, route=CHAIN, accepted_ms=published, reserved_usd=reserved), 0.0002,
                    failed=False)
@@ -73,61 +74,51 @@ async def _one(cfg: Config, d: Budgets, w: Budgets, reserve_ms: list[float], set
     settle_ms.append((t2 - t1) * 1000)
 
 
-def _pct(values: list[float], q: float) -> float:
+def _pct(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else values[0]
 
 
-async def main(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = subprocess.Popen([str(Path(sys.executable).parent / "nats-server"), "-js", "-a", "127.0.0.1",
-                                   "-p", str(port), "-sd", tmp], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            await asyncio.sleep(0.5)
-            cfg = _config()
-            dnc, wnc = await nats.connect(f"nats://127.0.0.1:{port}"), await nats.connect(f"nats://127.0.0.1:{port}")
-            await ensure_topology(dnc.jetstream(), cfg)
-            d, w = await Budgets.open(dnc.jetstream(), "llm"), await Budgets.open(wnc.jetstream(), "llm")
-            for _ in range(200):  # warm up
-                await _one(cfg, d, w, [], [])
-            reserve_ms: list[float] = []
-            settle_ms: list[float] = []
-            end = time.perf_counter() + args.duration
-            pending: set[asyncio.Task[None]] = set()
-            while time.perf_counter() < end:
-                task = asyncio.create_task(_one(cfg, d, w, reserve_ms, settle_ms))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-                await asyncio.sleep(1 / args.rate)
-            await asyncio.gather(*pending)
+async def main(args: argparse.Namespace, port: int) -> None:
+    await asyncio.sleep(0.5)
+    cfg = _config()
+    dnc, wnc = await nats.connect(f"nats://127.0.0.1:{port}"), await nats.connect(f"nats://127.0.0.1:{port}")
+    await ensure_topology(dnc.jetstream(), cfg)
+    d, w = await Budgets.open(dnc.jetstream(), "llm"), await Budgets.open(wnc.jetstream(), "llm")
+    for _ in range(200):  # warm up
+        await _one(cfg, d, w, [], [])
+    reserve_ms: list[float] = []
+    settle_ms: list[float] = []
+    end = time.perf_counter() + args.duration
+    pending: set[asyncio.Task[None]] = set()
+    while time.perf_counter() < end:
+        task = asyncio.create_task(_one(cfg, d, w, reserve_ms, settle_ms))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        await asyncio.sleep(1 / args.rate)
+    await asyncio.gather(*pending)
 
-            done = 0
-            stop_at = time.perf_counter() + args.duration
-            cpu0, t0 = time.process_time(), time.perf_counter()
+    done = 0
+    stop_at = time.perf_counter() + args.duration
+    cpu0, t0 = time.process_time(), time.perf_counter()
 
-            async def loop() -> None:
-                nonlocal done
-                while time.perf_counter() < stop_at:
-                    await _one(cfg, d, w, [], [])
-                    done += 1
+    async def loop() -> None:
+        nonlocal done
+        while time.perf_counter() < stop_at:
+            await _one(cfg, d, w, [], [])
+            done += 1
 
-            await asyncio.gather(*(loop() for _ in range(args.concurrency)))
-            wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-            print(f"| paced {args.rate}/s, reserve (on the path) | {len(reserve_ms)} | {_pct(reserve_ms, 50):.3f} |"
-                  f" {_pct(reserve_ms, 99):.3f} | |")
-            print(f"| paced {args.rate}/s, settle (beside the reply) | {len(settle_ms)} | {_pct(settle_ms, 50):.3f} |"
-                  f" {_pct(settle_ms, 99):.3f} | |")
-            print(f"| saturated, concurrency {args.concurrency}, reserve + settle | {done} | | |"
-                  f" {done / wall:,.0f}/s, {cpu / done * 1e6:.0f} µs CPU each |")
-            await budgets_close(d, w, dnc, wnc)
-        finally:
-            server.terminate()
-            server.wait(10)
+    await asyncio.gather(*(loop() for _ in range(args.concurrency)))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    print(f"| paced {args.rate}/s, reserve (on the path) | {len(reserve_ms)} | {_pct(reserve_ms, 50):.3f} |"
+          f" {_pct(reserve_ms, 99):.3f} | |")
+    print(f"| paced {args.rate}/s, settle (beside the reply) | {len(settle_ms)} | {_pct(settle_ms, 50):.3f} |"
+          f" {_pct(settle_ms, 99):.3f} | |")
+    print(f"| saturated, concurrency {args.concurrency}, reserve + settle | {done} | | |"
+          f" {done / wall:,.0f}/s, {cpu / done * 1e6:.0f} µs CPU each |")
+    await budgets_close(d, w, dnc, wnc)
 
 
-async def budgets_close(d: Budgets, w: Budgets, *conns: nats.NATS) -> None:
+async def budgets_close(d: Budgets, w: Budgets, *conns: NATS) -> None:
     await d.stop()
     await w.stop()
     for c in conns:
@@ -140,4 +131,14 @@ if __name__ == "__main__":
     p.add_argument("--rate", type=float, default=100.0)
     p.add_argument("--concurrency", type=int, default=64)
     os.environ.setdefault("SWITCHYARD_LOG_LEVEL", "warning")
-    uvloop.run(main(p.parse_args()))
+    with tempfile.TemporaryDirectory() as tmp:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            free = sock.getsockname()[1]
+        server = subprocess.Popen([str(Path(sys.executable).parent / "nats-server"), "-js", "-a", "127.0.0.1",
+                                   "-p", str(free), "-sd", tmp], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            uvloop.run(main(p.parse_args(), free))
+        finally:
+            server.terminate()
+            server.wait(10)

@@ -22,7 +22,7 @@ from router import budget as policy
 from router import config as config_mod
 from router.config import Config
 from router.providers.fakes import FakeOpenAI, Scenario
-from router.routing import Selection
+from router.routing import Selection, Source
 from schemas import Done, Error, Reply, Request, Target, WorkItem, decode_reply
 from workers.budget import BudgetRefused, Budgets, counter, subject
 from workers.publish import now_ms
@@ -149,8 +149,9 @@ async def _alerts_in_ledger(db: asyncpg.Pool, day: str, timeout: float = 10.0) -
             rows = await db.fetch("SELECT * FROM llm_budget_alerts WHERE account = 'acme' AND period_key = $1", day)
             if rows:
                 await asyncio.sleep(0.5)  # a duplicate would be in by now
-                return await db.fetch(
+                final: list[asyncpg.Record] = await db.fetch(
                     "SELECT * FROM llm_budget_alerts WHERE account = 'acme' AND period_key = $1", day)
+                return final
             await asyncio.sleep(0.1)
 
 
@@ -204,7 +205,7 @@ async def test_a_redelivered_request_is_never_counted_twice(nats_url: str, nc: N
         req = msgspec.convert({"id": "once", "account": "acme", "use_case": "draft", "reply_to": "_INBOX.x",
                                "messages": [{"role": "user", "content": PROMPT}], "max_tokens": MAX_TOKENS}, Request)
         chain = [Target(pool="openai", model="metered")]
-        selection = Selection(chain=chain, skipped=[], source="config", prompt_tokens=10)
+        selection = Selection(chain=chain, skipped=[], source=Source.DEFAULT_ROUTE, prompt_tokens=10)
         published = now_ms()
         first = await budgets.reserve(cfg, req, selection, published)
         again = await budgets.reserve(cfg, req, selection, published)  # the same request delivered again
