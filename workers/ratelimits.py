@@ -16,6 +16,7 @@ re-read before the refusal goes out, so that the retry hint counts what the othe
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import heapq
 import time
@@ -78,6 +79,9 @@ class RateLimiter:
         self.kv = kv
         self._subject = f"$KV.{BUCKET}."
         self._cache: collections.OrderedDict[str, tuple[RateState, int]] = collections.OrderedDict()
+        self._turns: dict[str, tuple[asyncio.Lock, int]] = {}
+        """One decision at a time per account in this replica (and how many want one), so a busy account's
+        requests do not race each other's compare-and-sets; an entry lives while someone waits."""
         self._held: list[int] = []
         """A heap of when each request this replica holds is due (µs): how many are held now."""
         self.conflicts = 0
@@ -117,8 +121,9 @@ class RateLimiter:
         if req.queue_ms and self._holding(now) < MAX_HOLDS:
             end_ms = published_ms + min(req.queue_ms, req.timeout_ms)
             wait_us = end_ms * 1000 - now
-        decision = await self._decide(req.account, limit, now, tokens, wait_us)
+        decision = await self.decide(req.account, limit, now, tokens=tokens, wait_us=wait_us)
         if decision.admitted:
+            now = now_us()  # the decision's own clock moved on when it had to re-read
             if decision.at_us - now <= EARLY_US:
                 return None
             return await self._hold(seq, (hold.holds if hold else 0) + 1, decision.at_us, req, published_ms, now)
@@ -133,6 +138,28 @@ class RateLimiter:
         hold = await self._read_hold(msg.metadata.sequence.stream)
         return hold.holds if hold is not None else 0
 
+    @property
+    def cached_accounts(self) -> int:
+        """Accounts whose state this replica keeps (at most CACHE_SIZE)."""
+        return len(self._cache)
+
+    async def decide(
+        self, account: str, limit: RateLimit, now: int, *, tokens: int = 0, wait_us: int = 0
+    ) -> ratelimit.Decision:
+        """router/ratelimit.py's decision on the shared state of `account`, stored when it admits.
+        Raises RuntimeError when _CAS_TRIES compare-and-sets in a row lose to other replicas."""
+        lock, waiting = self._turns.get(account) or (asyncio.Lock(), 0)
+        self._turns[account] = (lock, waiting + 1)
+        try:
+            async with lock:
+                return await self._decide(account, limit, max(now, now_us()), tokens, wait_us)
+        finally:
+            lock, waiting = self._turns[account]
+            if waiting > 1:
+                self._turns[account] = (lock, waiting - 1)
+            else:
+                del self._turns[account]
+
     async def _decide(
         self, account: str, limit: RateLimit, now: int, tokens: int, wait_us: int
     ) -> ratelimit.Decision:
@@ -140,6 +167,9 @@ class RateLimiter:
         cached = self._cache.get(key)
         fresh = cached is None
         state, rev = cached if cached is not None else await self._read(key)
+        # The clock is read after the state: a state another replica wrote while this one waited for its
+        # read must not look like it is from the future (that would refuse what it should admit).
+        now = max(now, now_us())
         for _ in range(_CAS_TRIES):
             decision = ratelimit.decide(state, limit, now, tokens=tokens, wait_us=wait_us)
             if not decision.admitted:

@@ -1,0 +1,255 @@
+"""Rate limits across dispatcher replicas on a real nats-server: exact bursts and rates (also when a
+dispatcher dies), truthful retry hints, held requests (`queue_ms`), and 10,000 accounts at once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from nats.aio.client import Client as NATS
+
+from router import config as config_mod
+from router.config import Config, RateLimit
+from router.providers.fakes import FakeOpenAI
+from schemas import Done, Error, InvalidMessage, Reply, decode_reply, decode_request
+from workers.ratelimits import CACHE_SIZE, RateLimiter, now_us
+from workers.runtime import ensure_topology
+
+from .conftest import fleet_config, running_fleet
+from .helpers import ask_raw, request
+
+
+def _config(fake: FakeOpenAI, per_second: float, burst: int) -> Config:
+    raw = msgspec.to_builtins(fleet_config({"openai": fake.url + "/v1"}))
+    raw["pools"]["openai"]["concurrency"] = 32
+    raw["limits"] = {"default": {"rate": {"per_second": per_second, "burst": burst}}}
+    return config_mod.from_mapping(raw)
+
+
+@contextmanager
+def processes(cfg: Config, tmp_path: Path, nats_url: str, dispatchers: int) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """`dispatchers` dispatcher processes and one worker process of pool `openai`."""
+    cfg_file = tmp_path / "config.json"
+    cfg_file.write_bytes(config_mod.encode(cfg))
+    env = {**os.environ, "NATS_URL": nats_url, "SWITCHYARD_LOG_LEVEL": "warning", "SY_TEST_OPENAI_KEY": "sk-test"}
+    env.pop("DATABASE_URL", None)
+    cmd = [sys.executable, "-m", "workers.cli"]
+    args = [["dispatcher"]] * dispatchers + [["worker", "--pool", "openai"]]
+    procs = [subprocess.Popen([*cmd, *a, "--config", str(cfg_file)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for a in args]
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait(10)
+
+
+class Replies:
+    """Every terminal reply on one inbox, with when it arrived."""
+
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+        self.inbox = f"_INBOX.rate.{uuid.uuid4().hex}"
+        self.ends: dict[str, tuple[Reply, float]] = {}
+        self.extra = 0
+
+    async def __aenter__(self) -> Replies:
+        async def on_msg(msg: Any) -> None:
+            reply = decode_reply(msg.data)
+            if isinstance(reply, Done | Error):
+                if reply.id in self.ends:
+                    self.extra += 1
+                self.ends[reply.id] = (reply, time.monotonic())
+
+        self.sub = await self.nc.subscribe(f"{self.inbox}.*", cb=on_msg)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.sub.unsubscribe()
+
+    async def send(self, **fields: Any) -> str:
+        body = request(**fields)
+        await self.nc.jetstream().publish(
+            "llm.req.draft.acme", msgspec.json.encode({**body, "reply_to": f"{self.inbox}.{body['id']}"}),
+            headers={"Nats-Msg-Id": f"acme:{body['id']}"})
+        return str(body["id"])
+
+    async def wait(self, ids: list[str], timeout: float) -> None:
+        async with asyncio.timeout(timeout):
+            while not all(i in self.ends for i in ids):
+                await asyncio.sleep(0.05)
+
+    def done(self, ids: list[str]) -> list[str]:
+        return [i for i in ids if isinstance(self.ends[i][0], Done)]
+
+    def errors(self, ids: list[str]) -> list[Error]:
+        return [r for i in ids if isinstance(r := self.ends[i][0], Error)]
+
+
+async def _wait_dispatchers(nc: NATS, n: int) -> None:
+    """Until `n` dispatcher replicas have a pull request open on the consumer."""
+    async with asyncio.timeout(30):
+        while True:
+            try:
+                info = await nc.jetstream().consumer_info("LLM_REQ", "dispatch")
+                if info.num_waiting >= n:
+                    return
+            except Exception:
+                pass
+            await asyncio.sleep(0.1)
+
+
+@pytest.mark.timeout(180)
+async def test_three_dispatchers_admit_one_burst_then_the_rate_even_when_one_dies(
+    tmp_path: Path, nats_url: str, fake_openai: FakeOpenAI, nc: NATS
+) -> None:
+    cfg = _config(fake_openai, per_second=20, burst=20)
+    await ensure_topology(nc.jetstream(), cfg)
+    with processes(cfg, tmp_path, nats_url, 3) as procs:
+        await _wait_dispatchers(nc, 3)
+        async with Replies(nc) as replies:
+            published = time.monotonic()
+            first = [await replies.send() for _ in range(200)]
+            await replies.wait(first, 60)
+            # The burst, plus what the rate refilled while 200 publishes and decisions went by (on a
+            # shared 2-core machine they take ~0.1-0.3 s): never a burst per replica.
+            span = max(t for _, t in replies.ends.values()) - published
+            assert 20 <= len(replies.done(first)) <= 20 + 20 * span, (len(replies.done(first)), span)
+            refused = replies.errors(first)
+            assert len(refused) == 200 - len(replies.done(first)) and {e.code for e in refused} == {"RATE_LIMITED"}
+            assert all(e.retry_after_ms is not None and 0 < e.retry_after_ms <= 1000 for e in refused)
+            assert all("account 'acme' is limited to 20 requests/s (burst 20)" in e.message for e in refused)
+
+            # Five seconds of 60 requests/s, one dispatcher SIGKILLed after two.
+            start = time.monotonic()
+            second: list[str] = []
+            while (elapsed := time.monotonic() - start) < 5.0:
+                if elapsed >= 2.0 and procs[0].poll() is None:
+                    procs[0].send_signal(signal.SIGKILL)
+                second.append(await replies.send())
+                await asyncio.sleep(1 / 60)
+            end = time.monotonic()
+            # What the killed dispatcher held comes back after the consumer's ack_wait (30 s).
+            await replies.wait(second, 60)
+            in_window = [i for i in replies.done(second) if replies.ends[i][1] <= end + 0.5]
+            assert 100 - 20 <= len(in_window) <= 100 + 20, len(in_window)
+            assert {e.code for e in replies.errors(second)} == {"RATE_LIMITED"}
+            assert replies.extra == 0
+
+
+async def test_retrying_after_the_hint_succeeds(nats_url: str, fake_openai: FakeOpenAI, nc: NATS) -> None:
+    cfg = _config(fake_openai, per_second=2, burst=1)
+    async with running_fleet(nats_url, cfg, None):
+        first = await ask_raw(nc, request())
+        assert isinstance(first[-1], Done)
+        refused = await ask_raw(nc, request())
+        assert isinstance(refused[-1], Error) and refused[-1].code == "RATE_LIMITED"
+        hint = refused[-1].retry_after_ms
+        assert hint is not None and 0 < hint <= 500
+        await asyncio.sleep(hint / 1000)
+        again = await ask_raw(nc, request())
+        assert isinstance(again[-1], Done), again[-1]
+
+
+async def test_queue_ms_holds_requests_for_their_turn_then_serves_them(
+    nats_url: str, fake_openai: FakeOpenAI, nc: NATS
+) -> None:
+    cfg = _config(fake_openai, per_second=5, burst=1)
+    async with running_fleet(nats_url, cfg, None), Replies(nc) as replies:
+        held = [await replies.send(queue_ms=10_000, timeout_ms=20_000) for _ in range(6)]
+        await asyncio.sleep(0.3)  # all six are booked: the first now, then one every 200 ms
+        fresh = await replies.send()
+        await replies.wait([*held, fresh], 30)
+        assert len(replies.done(held)) == 6
+        served = sorted(replies.ends[i][1] for i in held)
+        assert served[-1] - served[0] >= 5 * 0.2 - 0.1  # held for the rate, not refused
+        # A request that does not wait is not let in ahead of those that do: its hint is after the queue.
+        [late] = replies.errors([fresh])
+        assert late.code == "RATE_LIMITED" and late.retry_after_ms is not None and late.retry_after_ms >= 500
+        info = await nc.jetstream().consumer_info("LLM_REQ", "dispatch")
+        assert info.num_ack_pending == 0 and info.num_pending == 0
+
+
+async def test_a_wait_longer_than_queue_ms_is_refused_at_once(nats_url: str, fake_openai: FakeOpenAI, nc: NATS) -> None:
+    cfg = _config(fake_openai, per_second=0.5, burst=1)
+    async with running_fleet(nats_url, cfg, None):
+        assert isinstance((await ask_raw(nc, request()))[-1], Done)
+        t = time.monotonic()
+        replies = await ask_raw(nc, request(queue_ms=500))
+        assert isinstance(replies[-1], Error) and replies[-1].code == "RATE_LIMITED"
+        assert "within its queue_ms" in replies[-1].message and time.monotonic() - t < 1.5
+        assert replies[-1].retry_after_ms is not None and replies[-1].retry_after_ms > 500
+
+
+async def test_held_requests_past_their_deadline_end_timeout(
+    nats_url: str, fake_openai: FakeOpenAI, nc: NATS
+) -> None:
+    cfg = _config(fake_openai, per_second=0.5, burst=1)
+    async with Replies(nc) as replies:
+        async with running_fleet(nats_url, cfg, None):
+            first = await replies.send()
+            await replies.wait([first], 10)
+            held = await replies.send(queue_ms=3_000, timeout_ms=3_000)  # booked for ~2 s from now
+            await asyncio.sleep(0.5)
+            assert held not in replies.ends
+        await asyncio.sleep(3.0)  # no dispatcher while its turn and its deadline pass
+        async with running_fleet(nats_url, cfg, None):
+            await replies.wait([held], 30)
+    [end] = replies.errors([held])
+    assert end.code == "TIMEOUT" and "past its timeout_ms of 3000" in end.message
+
+
+def test_queue_ms_is_at_most_timeout_ms() -> None:
+    body = msgspec.json.encode({**request(queue_ms=5000, timeout_ms=1000), "reply_to": "_INBOX.x"})
+    with pytest.raises(InvalidMessage) as err:
+        decode_request(body, use_case="draft", account="acme")
+    assert err.value.field == "$.queue_ms"
+    ok = msgspec.json.encode({**request(queue_ms=1000, timeout_ms=1000), "reply_to": "_INBOX.x"})
+    assert decode_request(ok, use_case="draft", account="acme").queue_ms == 1000
+
+
+@pytest.mark.timeout(240)
+async def test_ten_thousand_accounts_at_once_stay_exact_and_leave_nothing_behind(nats_url: str) -> None:
+    import nats
+
+    conns = [await nats.connect(nats_url) for _ in range(3)]
+    try:
+        replicas = [await RateLimiter.open(c.jetstream()) for c in conns]
+        limit = RateLimit(per_second=1, burst=2)
+        gate = asyncio.Semaphore(64)
+        admitted: dict[str, int] = {}
+
+        async def account(n: int) -> None:
+            name = f"acct{n}"
+            async with gate:
+                # Three attempts at once, one through each replica: the burst of 2 admits exactly two.
+                decisions = await asyncio.gather(*(r.decide(name, limit, now_us()) for r in replicas))
+            admitted[name] = sum(d.admitted for d in decisions)
+
+        await asyncio.gather(*(account(n) for n in range(10_000)))
+        assert len(admitted) == 10_000
+        assert {v for v in admitted.values()} == {2}
+        # Memory: each replica keeps at most CACHE_SIZE states; the server one per account, which expire.
+        assert all(r.cached_accounts <= CACHE_SIZE for r in replicas)
+        kv = conns[0].jetstream()
+        info = await kv.stream_info("KV_llm_rates")
+        assert info.state.messages <= 10_000
+        async with asyncio.timeout(30):
+            while (await kv.stream_info("KV_llm_rates")).state.messages > 0:
+                await asyncio.sleep(0.5)
+    finally:
+        for c in conns:
+            await c.close()
