@@ -35,6 +35,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/bench_door.py
 	$(BIN)/python bench/bench_select.py
 	$(BIN)/python bench/bench_health.py
+	$(BIN)/python bench/bench_limits.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

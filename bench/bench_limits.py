@@ -1,0 +1,276 @@
+"""Account rate limits on a fresh nats-server: the shared-state mechanisms, and what the check adds to
+the dispatcher.
+
+Mechanisms, each replica on its own NATS connection in this process under uvloop:
+
+- `kv-cas`: workers/ratelimits.py as shipped: one GCRA state per account in KV, compare-and-set,
+  one decision at a time per account per replica, each replica caching the last state it saw;
+- `counter`: one nats-server counter (ADR-49, `Nats-Incr: 1`) per account and fixed window of
+  burst / per_second seconds; admitted when the total the PubAck returns is at most the burst.
+
+Rows: `single` (one replica, one account, one admission at a time: the added latency); `concurrent`
+(one replica, 64 at once over 1,000 accounts); `hot` (3 replicas, 600 attempts at once on one account
+limited to 20/s burst 20: admitted vs the bound, conflicts); `10k` (3 replicas, 10,000 accounts, three
+attempts each at once, burst 2: every account must get exactly 2).
+
+Dispatcher: one `Dispatcher` here, requests published into LLM_REQ and timed until their work item
+reaches `llm.work.<pool>`, with rates off and on (100 accounts, limits that admit everything): closed
+loop at 64 in flight (saturation) and open loop at 100 requests/s.
+
+    .venv/bin/python bench/bench_limits.py [--n 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import msgspec
+import nats
+import uvloop
+from machine import cpu_model, version  # bench/ is on sys.path when a bench runs
+from nats.aio.client import Client as NATS
+from nats.js import api as js_api
+
+from router import config as config_mod
+from router.config import RateLimit
+from schemas import decode_work
+from workers.dispatcher import Dispatcher
+from workers.publish import Publisher
+from workers.ratelimits import RateLimiter, now_us
+from workers.runtime import configure_logging, ensure_topology
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_server() -> tuple[str, subprocess.Popen[bytes]]:
+    port = _free_port()
+    server = Path(sys.executable).parent / "nats-server"
+    proc = subprocess.Popen([str(server), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", tempfile.mkdtemp()],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.4)
+    return f"nats://127.0.0.1:{port}", proc
+
+
+def _pct(ms: list[float]) -> tuple[float, float]:
+    ms = sorted(ms)
+    return ms[len(ms) // 2], ms[min(len(ms) - 1, int(len(ms) * 0.99))]
+
+
+Admit = Callable[[str, RateLimit], Awaitable[bool]]
+
+
+class Counters:
+    """The counter mechanism: fixed windows of burst / per_second seconds."""
+
+    def __init__(self, nc: NATS) -> None:
+        self.js = nc.jetstream()
+
+    @staticmethod
+    async def setup(nc: NATS) -> None:
+        await nc.jetstream().add_stream(js_api.StreamConfig(
+            name="RATE_COUNTERS", subjects=["ratec.>"], allow_msg_counter=True, allow_direct=True, max_age=3600.0))
+
+    async def admit(self, account: str, limit: RateLimit) -> bool:
+        window_us = int(limit.burst / limit.per_second * 1_000_000)
+        ack = await self.js.publish(f"ratec.{account}.{now_us() // window_us}", b"", headers={"Nats-Incr": "1"})
+        return int(ack.val or 0) <= limit.burst  # type: ignore[attr-defined]
+
+
+async def _rows(name: str, admits: list[Admit], cas: list[RateLimiter], n: int) -> list[str]:
+    rows = []
+    big = RateLimit(per_second=1e9, burst=10**9)
+    tag = uuid.uuid4().hex[:6]
+    lat = []
+    for _ in range(n):
+        t = time.perf_counter()
+        await admits[0](f"single{tag}", big)
+        lat.append((time.perf_counter() - t) * 1000)
+    p50, p99 = _pct(lat)
+    rows.append(f"| {name} | single | {1000 / statistics.mean(lat):,.0f} | {p50:.3f} | {p99:.3f} | | |")
+
+    gate = asyncio.Semaphore(64)
+    lat = []
+
+    async def one(i: int, admit: Admit = admits[0]) -> None:
+        async with gate:
+            t = time.perf_counter()
+            await admit(f"c{tag}{i % 1000}", big)
+            lat.append((time.perf_counter() - t) * 1000)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n * 2)))
+    p50, p99 = _pct(lat)
+    rows.append(f"| {name} | concurrent (64, 1,000 accounts) | {n * 2 / (time.perf_counter() - t0):,.0f} "
+                f"| {p50:.3f} | {p99:.3f} | | |")
+
+    before = sum(r.conflicts for r in cas)
+    hot = RateLimit(per_second=20, burst=20)
+    t0 = time.perf_counter()
+    got = await asyncio.gather(*(admits[i % 3](f"hot{tag}", hot) for i in range(600)))
+    span = time.perf_counter() - t0
+    conflicts = sum(r.conflicts for r in cas) - before if name == "kv-cas" else 0
+    rows.append(f"| {name} | hot: 3 replicas, 600 at once, 20/s burst 20 | {600 / span:,.0f} | | | "
+                f"{sum(got)} admitted (bound 20 + 20 × {span:.2f} s) | {conflicts} |")
+
+    before = sum(r.conflicts for r in cas)
+    two = RateLimit(per_second=1, burst=2)
+    gate10 = asyncio.Semaphore(64)
+
+    async def acct(i: int) -> int:
+        async with gate10:
+            return sum(await asyncio.gather(*(admits[k](f"k{tag}{i}", two) for k in range(3))))
+
+    t0 = time.perf_counter()
+    per = await asyncio.gather(*(acct(i) for i in range(10_000)))
+    span = time.perf_counter() - t0
+    conflicts = sum(r.conflicts for r in cas) - before if name == "kv-cas" else 0
+    wrong = sum(p != 2 for p in per)
+    rows.append(f"| {name} | 10k: 3 replicas, 10,000 accounts × 3 at once, burst 2 | {30_000 / span:,.0f} | | | "
+                f"{wrong} accounts not at exactly 2 | {conflicts} |")
+    return rows
+
+
+async def _mechanisms(url: str, n: int) -> list[str]:
+    conns = [await nats.connect(url) for _ in range(3)]
+    await Counters.setup(conns[0])
+    cas = [await RateLimiter.open(c.jetstream()) for c in conns]
+    cnt = [Counters(c) for c in conns]
+
+    def kv_admit(r: RateLimiter) -> Admit:
+        async def admit(account: str, limit: RateLimit) -> bool:
+            return (await r.decide(account, limit, now_us())).admitted
+        return admit
+
+    mechs: dict[str, list[Admit]] = {"kv-cas": [kv_admit(r) for r in cas], "counter": [c.admit for c in cnt]}
+    rows = []
+    for name, admits in mechs.items():
+        rows += await _rows(name, admits, cas, n)
+    for c in conns:
+        await c.close()
+    return rows
+
+
+def _config(limits: bool) -> config_mod.Config:
+    raw: dict[str, object] = {
+        "providers": {"openai": {"format": "openai", "base_url": "http://127.0.0.1:9/v1"}},
+        "pools": {"openai": {"provider": "openai", "concurrency": 64}},
+        "routes": {"draft": {"default": ["openai:gpt-4o-mini"]}},
+    }
+    if limits:
+        raw["limits"] = {"default": {"rate": {"per_second": 1e6, "burst": 1_000_000}}}
+    return config_mod.from_mapping(raw)
+
+
+async def _dispatcher(url: str, rates_on: bool, seconds: float) -> tuple[str, str]:
+    cfg = _config(rates_on)
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    await ensure_topology(js, cfg)
+    await js.purge_stream("LLM_WORK")
+    dnc = await nats.connect(url)
+    djs = dnc.jetstream()
+    rates = await RateLimiter.open(djs) if rates_on else None
+    stop = asyncio.Event()
+    disp = Dispatcher(djs, Publisher(dnc, djs, "llm"), cfg, rates=rates)
+    task = asyncio.create_task(disp.serve(stop))
+    sent: dict[str, float] = {}
+    lat: list[float] = []
+    waiters: dict[str, asyncio.Future[None]] = {}
+
+    async def on_work(msg: object) -> None:
+        rid = decode_work(msg.data).request.id  # type: ignore[attr-defined]
+        if rid in sent:
+            lat.append((time.perf_counter() - sent.pop(rid)) * 1000)
+            fut = waiters.pop(rid, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    await nc.subscribe("llm.work.openai", cb=on_work)
+    loop = asyncio.get_running_loop()
+
+    async def send(i: int) -> asyncio.Future[None]:
+        rid = uuid.uuid4().hex
+        body = msgspec.json.encode({"id": rid, "account": f"acct{i % 100}", "reply_to": "_INBOX.bench",
+                                    "messages": [{"role": "user", "content": "Write a haiku about queues"}]})
+        fut: asyncio.Future[None] = loop.create_future()
+        waiters[rid] = fut
+        sent[rid] = time.perf_counter()
+        await nc.publish(f"llm.req.draft.acct{i % 100}", body)  # core publish: JetStream stores it
+        return fut
+
+    await asyncio.sleep(0.5)
+    # Saturation: 64 in flight, closed loop.
+    count = 0
+    end = time.perf_counter() + seconds
+
+    async def closed(k: int) -> None:
+        nonlocal count
+        while time.perf_counter() < end:
+            await asyncio.wait_for(await send(k * 7919 + count), 10)
+            count += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(closed(k) for k in range(64)))
+    rps = count / (time.perf_counter() - t0)
+    p50, p99 = _pct(lat)
+    sat = f"{rps:,.0f} req/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms"
+    # 100 requests/s, open loop.
+    lat.clear()
+    futs = []
+    t0 = time.perf_counter()
+    for i in range(int(100 * seconds)):
+        await asyncio.sleep(max(0.0, t0 + i / 100 - time.perf_counter()))
+        futs.append(await send(i))
+    await asyncio.wait_for(asyncio.gather(*futs), 10)
+    p50, p99 = _pct(lat)
+    slow = f"p50 {p50:.3f} ms, p99 {p99:.3f} ms"
+    stop.set()
+    await task
+    await dnc.close()
+    await nc.close()
+    return sat, slow
+
+
+async def main(n: int, seconds: float) -> None:
+    url, proc = _start_server()
+    try:
+        print("| mechanism | case | admissions/s | p50 ms | p99 ms | exactness | CAS conflicts |")
+        print("|---|---|--:|--:|--:|---|--:|")
+        for row in await _mechanisms(url, n):
+            print(row, flush=True)
+        print()
+        print("| dispatcher | saturation (64 in flight) | 100 req/s open loop |")
+        print("|---|---|---|")
+        for rnd in range(2):  # interleaved, so a burst of load from elsewhere does not hit one side only
+            for on in (False, True):
+                sat, slow = await _dispatcher(url, on, seconds)
+                print(f"| rates {'on' if on else 'off'} (round {rnd + 1}) | {sat} | {slow} |", flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    print(f"\n{cpu_model()}, Python {platform.python_version()}, nats-py {version('nats-py')}, "
+          f"uvloop {version('uvloop')}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=2000, help="sequential admissions per mechanism (default 2000)")
+    p.add_argument("--seconds", type=float, default=5.0, help="seconds per dispatcher cell (default 5)")
+    a = p.parse_args()
+    configure_logging("error")
+    uvloop.run(main(a.n, a.seconds))
