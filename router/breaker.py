@@ -65,11 +65,13 @@ class Verdict(enum.Enum):
 # Which failures count against a pool. Decided by code; PROVIDER_ERROR is refined by HTTP status below.
 #
 # Counted (PROVIDER_ERROR): HTTP 5xx, 529, 408/409, timeouts (the provider's and the attempt's own share
-# of the request's time), refused or broken connections, broken streams; and the provider's own 429.
-# A 429 counts because it is said about the pool's key, not about one request: every replica of the pool
-# shares that key, each request would spend its retries and its time on it, and the fallbacks are the
-# better place for the traffic until it cools down. A lone 429 does nothing: only `failures` in a row
-# without a success in between open the breaker.
+# of the request's time), refused or broken connections, broken streams; and the provider's own 429
+# without a wait. Such a 429 counts because it is said about the pool's key, not about one request: every
+# replica of the pool shares that key, each request would spend its retries and its time on it, and the
+# fallbacks are the better place for the traffic until it cools down. A lone 429 does nothing: only
+# `failures` in a row without a success in between open the breaker. A 429 that says how long to wait
+# (Retry-After) does not count: the provider is pacing us, not failing, and the worker pauses the whole
+# pool for that wait (workers/provider.py), which an open breaker would only turn into refusals.
 #
 # Not counted:
 # - INVALID_REQUEST, CONTEXT_TOO_LONG: the caller's request (ours at the door, or a 400 the provider
@@ -102,7 +104,9 @@ def verdict(failure: SwitchyardError) -> Verdict:
     if not _COUNTED[failure.code]:
         return Verdict.IGNORED
     if isinstance(failure, ProviderFailure) and (
-        failure.credit_exhausted or failure.http_status in _NOT_COUNTED_STATUSES
+        failure.credit_exhausted
+        or failure.http_status in _NOT_COUNTED_STATUSES
+        or (failure.http_status == 429 and bool(failure.retry_after_ms))
     ):
         return Verdict.IGNORED
     return Verdict.FAILURE

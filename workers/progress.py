@@ -95,3 +95,19 @@ class Progress:
             return int(value)
         except ValueError:
             return 0
+
+    async def count_hold(self, stream_seq: int) -> None:
+        """A work item goes back to the queue to wait for its provider: one more delivery that is not a
+        failure (the pull loop asks `holds` before it gives up on an item)."""
+        key = f"hold.{stream_seq}"
+        await self.kv.put(key, str(await self.holds(stream_seq) + 1).encode())
+
+    async def holds(self, stream_seq: int) -> int:
+        try:
+            entry = await self.kv.get(f"hold.{stream_seq}")
+        except KeyNotFoundError:
+            return 0
+        try:
+            return int(entry.value or b"0")
+        except ValueError:
+            return 0

@@ -220,7 +220,8 @@ class PoolWorker:
                     tg.create_task(self.heartbeat.run(stop))
                     tg.create_task(self.health.keep_reporting(stop))
                     await serve_pull(self.pub.nc, "LLM_WORK", consumer, self.handle, stop,
-                                     limit=self.pool.concurrency, give_up=self.give_up, max_deliver=MAX_DELIVER)
+                                     limit=self.pool.concurrency, give_up=self.give_up, max_deliver=MAX_DELIVER,
+                                     holds=self._holds)
             finally:
                 await self.health.stop()
         finally:
@@ -382,9 +383,36 @@ class PoolWorker:
             await msg.ack()
             bound.warning("fell_back", code=failure.code.value, error=failure.message, to=str(nxt.route[0]))
             return
+        if await self._wait_for_provider(msg, out, failure, deadline_ms, bound):
+            return
         await self._end(work, out, failure)
         await msg.ack()
         bound.warning("failed", code=failure.code.value, error=failure.message, chunks=out.seq)
+
+    async def _holds(self, msg: Msg) -> int:
+        return await self.progress.holds(msg.metadata.sequence.stream)
+
+    async def _wait_for_provider(
+        self, msg: Msg, out: _Outcome, failure: SwitchyardError, deadline_ms: int, bound: structlog.BoundLogger
+    ) -> bool:
+        """A provider that asked to be left alone for a while (429 with a wait) is waited for rather than
+        answered with a 429 of ours: the whole pool stops pulling for the wait (its consumer paused, for every
+        replica) and this item goes back to the queue for it. Only for a wait longer than the pool retries in
+        place, when nothing was streamed, no fallback is left and the wait ends before the request's deadline.
+        True when the item was put back."""
+        wait = failure.retry_after_ms if isinstance(failure, ProviderFailure) and failure.http_status == 429 else None
+        # A wait short enough to retry in place (within the pool's max_ms) was retried already.
+        if wait is None or wait <= self.pool.retry.max_ms or out.seq or now_ms() + wait >= deadline_ms:
+            return False
+        until = datetime.fromtimestamp((now_ms() + wait) / 1000, UTC)
+        try:
+            await self.js.pause_consumer("LLM_WORK", f"pool-{self.pool_name}", until.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+        except Exception as exc:  # the item still waits its turn; the other replicas may just try sooner
+            bound.warning("pool_pause_failed", error=repr(exc))
+        await self.progress.count_hold(msg.metadata.sequence.stream)
+        await msg.nak(delay=wait / 1000)
+        bound.info("waiting_for_provider", wait_ms=wait, code=failure.code.value)
+        return True
 
     async def _end(self, work: WorkItem, out: _Outcome, failure: SwitchyardError | None) -> None:
         """The terminal reply, the done marker, then the completion event. Once the reply is out nothing
