@@ -112,6 +112,22 @@ async def _wait_dispatchers(nc: NATS, n: int) -> None:
             await asyncio.sleep(0.1)
 
 
+async def test_three_dispatchers_admit_exactly_one_burst_at_once(
+    tmp_path: Path, nats_url: str, fake_openai: FakeOpenAI, nc: NATS
+) -> None:
+    # A rate so slow that nothing refills while the 200 go by: the burst alone is what may pass.
+    cfg = _config(fake_openai, per_second=0.01, burst=20)
+    await ensure_topology(nc.jetstream(), cfg)
+    with processes(cfg, tmp_path, nats_url, 3):
+        await _wait_dispatchers(nc, 3)
+        async with Replies(nc) as replies:
+            sent = [await replies.send() for _ in range(200)]
+            await replies.wait(sent, 60)
+            assert len(replies.done(sent)) == 20
+            assert {e.code for e in replies.errors(sent)} == {"RATE_LIMITED"}
+            assert replies.extra == 0
+
+
 @pytest.mark.timeout(180)
 async def test_three_dispatchers_admit_one_burst_then_the_rate_even_when_one_dies(
     tmp_path: Path, nats_url: str, fake_openai: FakeOpenAI, nc: NATS
