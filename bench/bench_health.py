@@ -21,37 +21,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import platform
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import nats
 import uvloop
 from machine import cpu_model, version  # bench/ is on sys.path when a bench runs
+from servers import start_nats  # bench/ is on sys.path when a bench runs
 
 from router import breaker
 from router.breaker import BreakerState, Ticket, Verdict
 from router.config import BreakerPolicy
 from workers.health import HealthView, PoolHealth, now_ms
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start_server() -> tuple[str, subprocess.Popen[bytes]]:
-    port = _free_port()
-    server = Path(sys.executable).parent / "nats-server"
-    proc = subprocess.Popen([str(server), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", tempfile.mkdtemp()],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.4)
-    return f"nats://127.0.0.1:{port}", proc
 
 
 async def _timed(n: int, step: Callable[[], Awaitable[object]]) -> list[float]:
@@ -73,7 +54,7 @@ def _row(name: str, ms: list[float], note: str = "") -> str:
 
 
 async def main(n: int) -> None:
-    url, proc = _start_server()
+    url, proc = start_nats()
     conns = [await nats.connect(url) for _ in range(3)]
     try:
         never = BreakerPolicy(failures=10**9, cooldown_ms=60_000, successes=10**9, probes=10**9)

@@ -25,15 +25,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import platform
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import msgspec
 import nats
@@ -41,6 +37,7 @@ import uvloop
 from machine import cpu_model, version  # bench/ is on sys.path when a bench runs
 from nats.aio.client import Client as NATS
 from nats.js import api as js_api
+from servers import start_nats  # bench/ is on sys.path when a bench runs
 
 from router import config as config_mod
 from router.config import RateLimit
@@ -49,21 +46,6 @@ from workers.dispatcher import Dispatcher
 from workers.publish import Publisher
 from workers.ratelimits import RateLimiter, now_us
 from workers.runtime import configure_logging, ensure_topology
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start_server() -> tuple[str, subprocess.Popen[bytes]]:
-    port = _free_port()
-    server = Path(sys.executable).parent / "nats-server"
-    proc = subprocess.Popen([str(server), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", tempfile.mkdtemp()],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.4)
-    return f"nats://127.0.0.1:{port}", proc
 
 
 def _pct(ms: list[float]) -> tuple[float, float]:
@@ -247,7 +229,7 @@ async def _dispatcher(url: str, rates_on: bool, seconds: float) -> tuple[str, st
 
 
 async def main(n: int, seconds: float) -> None:
-    url, proc = _start_server()
+    url, proc = start_nats()
     try:
         print("| mechanism | case | admissions/s | p50 ms | p99 ms | exactness | CAS conflicts |")
         print("|---|---|--:|--:|--:|---|--:|")

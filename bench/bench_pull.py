@@ -13,26 +13,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import nats
 import uvloop
 from nats.aio.msg import Msg
 from nats.js import api
+from servers import start_nats  # bench/ is on sys.path when a bench runs
 
 from workers.pull import serve_pull
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _fetch_loop(nc: nats.NATS, handle: Callable[[Msg], Awaitable[None]], stop: asyncio.Event,
@@ -46,14 +36,6 @@ async def _fetch_loop(nc: nats.NATS, handle: Callable[[Msg], Awaitable[None]], s
         for m in msgs:
             await handle(m)
 
-
-def _start_server() -> tuple[str, subprocess.Popen[bytes]]:
-    port = _free_port()
-    server = Path(sys.executable).parent / "nats-server"
-    proc = subprocess.Popen([str(server), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", tempfile.mkdtemp()],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.4)
-    return f"nats://127.0.0.1:{port}", proc
 
 
 async def run(url: str, loop_kind: str, replicas: int, conc: int, duration: float) -> str:
@@ -116,7 +98,7 @@ def main() -> None:
     for case in args.cases.split(","):
         replicas, conc = (int(x) for x in case.split("x"))
         for kind in ("fetch", "serve_pull"):
-            url, proc = _start_server()  # a fresh server (and stream) per cell
+            url, proc = start_nats()  # a fresh server (and stream) per cell
             try:
                 print(uvloop.run(run(url, kind, replicas, conc, args.duration)), flush=True)
             finally:

@@ -1,0 +1,27 @@
+"""The servers a bench starts for itself: a nats-server with JetStream on a free port."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_nats() -> tuple[str, subprocess.Popen[bytes]]:
+    """A fresh nats-server (the binary beside sys.executable) with JetStream in a temporary store; its URL
+    and process, which the caller terminates."""
+    port = free_port()
+    server = Path(sys.executable).parent / "nats-server"
+    proc = subprocess.Popen([str(server), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", tempfile.mkdtemp()],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.4)
+    return f"nats://127.0.0.1:{port}", proc
