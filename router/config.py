@@ -63,6 +63,12 @@ class PoolConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     to another worker: the time to notice a lost worker. Workers beat every third of it."""
     retry: RetryPolicy = msgspec.field(default_factory=RetryPolicy)
     breaker: BreakerPolicy = msgspec.field(default_factory=BreakerPolicy)
+    requests_per_minute: Annotated[int, Meta(ge=1)] | None = None
+    """The pool's own limit of calls to its provider, shared by all its worker replicas, spaced evenly
+    (no burst); a work item over it waits in the queue for its turn. None: no limit."""
+    tokens_per_minute: Annotated[int, Meta(ge=1)] | None = None
+    """The pool's own limit of estimated input + output tokens a minute towards its provider, shared by
+    all its worker replicas (a minute's worth at once); over it, a work item waits. None: no limit."""
 
 
 class RateLimit(Struct, kw_only=True, forbid_unknown_fields=True):

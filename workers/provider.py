@@ -42,6 +42,7 @@ from .health import HealthView, PoolHealth
 from .progress import Finished, Progress
 from .publish import Publisher, now_ms, prompt_fingerprint
 from .pull import serve_pull
+from .ratelimits import RateLimiter, describe_pool, pool_limit, pool_tokens
 from .runtime import MAX_DELIVER
 
 log = structlog.get_logger("worker")
@@ -158,9 +159,11 @@ class PoolWorker:
         keepalive_s: float | None = None,
         health: PoolHealth | None = None,
         budgets: Budgets | None = None,
+        rates: RateLimiter | None = None,
     ) -> None:
         """`health` is the pool's shared breaker, its provider's credit and its key report (default: read
-        and written through `js`'s KV buckets)."""
+        and written through `js`'s KV buckets). `rates` holds the pool's own rate limit state (default:
+        the `llm_rates` bucket of `js`, opened when the pool first has a limit)."""
         self.js = js
         self.pub = pub
         self.http = http
@@ -174,6 +177,7 @@ class PoolWorker:
         # How often a long call tells JetStream it is still in progress: well inside ack_wait.
         self.heartbeat = _Heartbeat(keepalive_s if keepalive_s is not None else self.pool.ack_wait_ms / 3000)
         self.progress = progress
+        self.rates = rates
         self.budgets = budgets
         """Settles each request's budget reservation when it ends (default: nothing settled)."""
         self.log = log.bind(pool=pool)
@@ -350,10 +354,17 @@ class PoolWorker:
         target = work.route[0]
         started = now_ms()
         deadline_ms = work.accepted_ms + req.timeout_ms
-        failure: SwitchyardError | None = None
+        # A call that will be refused anyway (no key, no credit) takes no turn of the pool's own limit.
+        failure: SwitchyardError | None = await self._pool_turn(req) if self._refusal() is None else None
+        wait = failure.retry_after_ms if failure is not None else None
+        if wait is not None and now_ms() + wait < deadline_ms:
+            await self._put_back(msg, wait, bound)
+            bound.info("waiting_for_pool_limit", wait_ms=wait)
+            return
         try:
             async with asyncio.timeout(max(0.0, (deadline_ms - started) / 1000)) as budget:
-                failure = await self._call_with_retries(req, target.model, out, deadline_ms, len(work.route))
+                if failure is None:
+                    failure = await self._call_with_retries(req, target.model, out, deadline_ms, len(work.route))
         except TimeoutError:
             if not budget.expired():
                 raise  # a NATS or HTTP timeout inside, not the request's own deadline
@@ -404,6 +415,13 @@ class PoolWorker:
         # A wait short enough to retry in place (within the pool's max_ms) was retried already.
         if wait is None or wait <= self.pool.retry.max_ms or out.seq or now_ms() + wait >= deadline_ms:
             return False
+        await self._put_back(msg, wait, bound)
+        bound.info("waiting_for_provider", wait_ms=wait, code=failure.code.value)
+        return True
+
+    async def _put_back(self, msg: Msg, wait: int, bound: structlog.BoundLogger) -> None:
+        """Stop the whole pool pulling for `wait` ms (its consumer paused, for every replica) and put this item
+        back in the queue for that long, counted as a hold rather than a failed delivery."""
         until = datetime.fromtimestamp((now_ms() + wait) / 1000, UTC)
         try:
             await self.js.pause_consumer("LLM_WORK", f"pool-{self.pool_name}", until.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
@@ -411,8 +429,26 @@ class PoolWorker:
             bound.warning("pool_pause_failed", error=repr(exc))
         await self.progress.count_hold(msg.metadata.sequence.stream)
         await msg.nak(delay=wait / 1000)
-        bound.info("waiting_for_provider", wait_ms=wait, code=failure.code.value)
-        return True
+
+    async def _pool_turn(self, req: Request) -> SwitchyardError | None:
+        """None when the pool's own rate limit (if any) lets this request call the provider now, its turn
+        taken; else PROVIDER_UNAVAILABLE with the wait until it would. Raises what NATS raises when the
+        `llm_rates` bucket cannot be used (the item is delivered again, never let through unchecked)."""
+        pool = self.pool
+        limit = pool_limit(pool)
+        if limit is None:
+            return None
+        if self.rates is None:
+            self.rates = await RateLimiter.open(self.js)
+        decision = await self.rates.decide_pool(self.pool_name, limit, tokens=pool_tokens(req, limit))
+        if decision.admitted:
+            return None
+        return SwitchyardError(
+            ErrorCode.PROVIDER_UNAVAILABLE,
+            f"pool {self.pool_name!r} is at its own rate limit of {describe_pool(pool)} towards provider"
+            f" {self.provider_name!r}, and its next turn comes after this request's deadline",
+            retry_after_ms=decision.retry_after_ms,
+        )
 
     async def _end(self, work: WorkItem, out: _Outcome, failure: SwitchyardError | None) -> None:
         """The terminal reply, the done marker, then the completion event. Once the reply is out nothing

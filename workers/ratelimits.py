@@ -5,6 +5,8 @@
   when the state has drained back to a full bucket: an idle account leaves nothing behind, and a
   state that expired is exactly the same as none. A replica that dies loses nothing: the state is
   the server's.
+- `pool.<pool>`: the same state for a pool's own limit towards its provider (`requests_per_minute`,
+  `tokens_per_minute`), shared by the pool's worker replicas and checked before each provider call.
 - `h.<stream sequence>`: a request that waits for its turn (`queue_ms`): how many times it was held,
   and the moment it was booked for. It expires after the request's deadline.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import heapq
+import math
 import time
 
 import msgspec
@@ -30,7 +33,7 @@ from nats.js.errors import APIError, BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from router import ratelimit
-from router.config import LimitsConfig, RateLimit
+from router.config import LimitsConfig, PoolConfig, RateLimit
 from router.errors import ErrorCode, SwitchyardError
 from router.ratelimit import RateState
 from schemas import Request
@@ -60,6 +63,32 @@ class RateLimited(SwitchyardError):
 
     def __init__(self, message: str, retry_after_ms: int | None) -> None:
         super().__init__(ErrorCode.RATE_LIMITED, message, retry_after_ms=retry_after_ms)
+
+
+def pool_limit(pool: PoolConfig) -> RateLimit | None:
+    """A pool's own limit towards its provider as the GCRA of accounts sees one, None when it has none:
+    `requests_per_minute` / 60 per second with a burst of 1 (calls spaced evenly, never bunched), and
+    `tokens_per_minute` with a minute's worth at once."""
+    rpm, tpm = pool.requests_per_minute, pool.tokens_per_minute
+    if rpm is None and tpm is None:
+        return None
+    # No requests_per_minute: an infinite rate makes every request conform at once in that dimension.
+    return RateLimit(per_second=rpm / 60 if rpm else math.inf, burst=1, tokens_per_minute=tpm)
+
+
+def describe_pool(pool: PoolConfig) -> str:
+    """The pool's limit in words, for a refusal's message."""
+    parts = [f"{pool.requests_per_minute:,} requests/min"] if pool.requests_per_minute else []
+    parts += [f"{pool.tokens_per_minute:,} tokens/min"] if pool.tokens_per_minute else []
+    return " and ".join(parts)
+
+
+def pool_tokens(req: Request, limit: RateLimit) -> int:
+    """The request's estimated tokens for a pool's limit (router/ratelimit.py's estimate), at most one
+    minute's worth: a larger one waits for a full minute's bucket rather than never going."""
+    if not limit.tokens_per_minute:
+        return 0
+    return min(ratelimit.estimated_tokens(req), limit.tokens_per_minute)
 
 
 class Hold(msgspec.Struct, array_like=True, frozen=True):
@@ -148,22 +177,30 @@ class RateLimiter:
     ) -> ratelimit.Decision:
         """router/ratelimit.py's decision on the shared state of `account`, stored when it admits.
         Raises RuntimeError when _CAS_TRIES compare-and-sets in a row lose to other replicas."""
-        lock, waiting = self._turns.get(account) or (asyncio.Lock(), 0)
-        self._turns[account] = (lock, waiting + 1)
+        return await self._in_turn(f"a.{account}", limit, now, tokens, wait_us)
+
+    async def decide_pool(self, pool: str, limit: RateLimit, *, tokens: int = 0) -> ratelimit.Decision:
+        """The same decision for a pool's own limit towards its provider (`pool_limit`), on the state
+        `pool.<name>` that every replica of the pool shares. Nothing is booked: a refused call is asked
+        again after `retry_after_ms`. Raises as `decide` does."""
+        return await self._in_turn(f"pool.{pool}", limit, now_us(), tokens, 0)
+
+    async def _in_turn(self, key: str, limit: RateLimit, now: int, tokens: int, wait_us: int) -> ratelimit.Decision:
+        lock, waiting = self._turns.get(key) or (asyncio.Lock(), 0)
+        self._turns[key] = (lock, waiting + 1)
         try:
             async with lock:
-                return await self._decide(account, limit, max(now, now_us()), tokens, wait_us)
+                return await self._decide(key, limit, max(now, now_us()), tokens, wait_us)
         finally:
-            lock, waiting = self._turns[account]
+            lock, waiting = self._turns[key]
             if waiting > 1:
-                self._turns[account] = (lock, waiting - 1)
+                self._turns[key] = (lock, waiting - 1)
             else:
-                del self._turns[account]
+                del self._turns[key]
 
     async def _decide(
-        self, account: str, limit: RateLimit, now: int, tokens: int, wait_us: int
+        self, key: str, limit: RateLimit, now: int, tokens: int, wait_us: int
     ) -> ratelimit.Decision:
-        key = f"a.{account}"
         cached = self._cache.get(key)
         fresh = cached is None
         state, rev = cached if cached is not None else await self._read(key)
@@ -192,7 +229,7 @@ class RateLimiter:
             state, rev = await self._read(key)
             fresh = True
             now = now_us()
-        raise RuntimeError(f"the rate state of account {account!r} kept changing under {_CAS_TRIES} tries")
+        raise RuntimeError(f"the rate state {key!r} kept changing under {_CAS_TRIES} tries")
 
     async def _read(self, key: str) -> tuple[RateState, int]:
         try:
