@@ -186,7 +186,9 @@ def dispatch_consumer(prefix: str) -> js_api.ConsumerConfig:
         ack_policy=js_api.AckPolicy.EXPLICIT,
         ack_wait=30.0,
         max_deliver=-1,
-        max_ack_pending=1000,
+        # Requests in flight across every dispatcher replica, held ones (`queue_ms`, up to 256 a replica)
+        # included: room for a few dozen replicas, so holds never stop fresh requests from being taken.
+        max_ack_pending=10_000,
         max_waiting=512,
     )
 
