@@ -226,6 +226,9 @@ class Hostile:
                     {"id": "c1", "name": "t", "arguments": value}]})
             case "metadata_value":
                 body["metadata"] = {"k": value}
+            case "signature":
+                body["messages"].insert(0, {"role": "assistant", "tool_calls": [
+                    {"id": "c1", "name": "t", "arguments": {}, "signature": value}]})
             case field:
                 assert field is not None
                 body[field] = value
@@ -262,7 +265,7 @@ values = json_values | edge_text | huge_text | deep | wide
 fields = st.sampled_from([
     "id", "account", "use_case", "tier", "messages", "max_tokens", "temperature", "model", "stream", "tools",
     "tool_choice", "reply_to", "timeout_ms", "metadata", "v", "extra", "content", "parameters", "arguments",
-    "metadata_value",
+    "metadata_value", "queue_ms", "signature",
 ])
 hostile = (
     st.builds(Hostile, raw=st.binary(max_size=2048))
