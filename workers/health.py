@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 import msgspec
+import nats.errors
 import structlog
 from nats.js import JetStreamContext
 from nats.js import api as js_api
@@ -75,14 +76,27 @@ class KeyReport(msgspec.Struct, kw_only=True, frozen=True):
 T = TypeVar("T")
 
 
+_START_TRIES = 4
+
+
 async def _bucket(js: JetStreamContext, name: str, ttl_s: float | None = None) -> KeyValue:
-    try:
-        return await js.key_value(name)
-    except BucketNotFoundError:
-        # Every process may get here at once; the server takes identical configs as one.
-        return await js.create_key_value(
-            js_api.KeyValueConfig(bucket=name, history=1, ttl=ttl_s, storage=js_api.StorageType.FILE)
-        )
+    """The bucket, created when missing. A JetStream API call that times out at start (a busy server) is
+    tried again a few times rather than ending the process on its first try."""
+    for attempt in range(_START_TRIES):
+        try:
+            try:
+                return await js.key_value(name)
+            except BucketNotFoundError:
+                # Every process may get here at once; the server takes identical configs as one.
+                return await js.create_key_value(
+                    js_api.KeyValueConfig(bucket=name, history=1, ttl=ttl_s, storage=js_api.StorageType.FILE)
+                )
+        except nats.errors.TimeoutError:
+            if attempt == _START_TRIES - 1:
+                raise
+            log.warning("bucket_slow", bucket=name, attempt=attempt + 1)
+            await asyncio.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable: the last try returns or raises")
 
 
 async def ensure_buckets(js: JetStreamContext) -> tuple[KeyValue, KeyValue, KeyValue]:
