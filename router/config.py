@@ -189,6 +189,9 @@ def _check(cfg: Config) -> None:
     for name, model in cfg.models.items():
         _check_model(name, model)
     for name, prov in cfg.providers.items():
+        if prov.api_key_ref is not None:  # accepted only once something reads it: never ignored silently
+            raise ConfigError(f"providers.{name}.api_key_ref: keys stored encrypted in the database are not"
+                              " supported yet; give the key in an environment variable named by api_key_env")
         if not prov.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"providers.{name}.base_url: must start with http:// or https://")
 

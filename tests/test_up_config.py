@@ -9,6 +9,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from router import config as config_mod
 from router.config import load
 from workers.processes import DEFAULT_CONFIG
 from workers.up import DEMO_MODEL, STATE_FILE, State, demo_config, keyed_config, up
@@ -45,3 +46,10 @@ async def test_a_second_up_on_the_same_data_dir_is_refused(tmp_path: Path) -> No
         await up(asyncio.Event(), config_path=None, data_dir=data_dir, nats_port=0)
     assert "already up" in str(info.value) and str(os.getpid()) in str(info.value)
     assert not (data_dir / "pg").exists()  # refused before starting anything
+
+
+def test_a_key_reference_to_the_database_is_refused_not_ignored() -> None:
+    raw = {"providers": {"a": {"format": "openai", "base_url": "http://127.0.0.1:9", "api_key_ref": "db:a"}},
+           "pools": {}, "routes": {}}
+    with pytest.raises(config_mod.ConfigError, match=r"^providers\.a\.api_key_ref: keys stored encrypted"):
+        config_mod.from_mapping(raw)
