@@ -12,11 +12,34 @@ _SECRET_VALUES = re.compile(
     r"|(?<=://)[^/@\s:]+:[^/@\s]+(?=@))"
 )
 MASK = "[redacted]"
+_DISTINCTIVE = 8
+"""A part of a known secret this long (between `.`, `:`, `_`, `-` or `/`) is masked on its own too."""
+
+# The secrets this process holds (its provider keys): the one piece of global state here, so that
+# every scrub() of the process, in replies and in log lines alike, masks them whatever their shape.
+_known: set[str] = set()
+_known_re: re.Pattern[str] | None = None
+
+
+def remember_secret(value: str | None) -> None:
+    """Mask `value`, and every distinctive part of it, wherever scrub() runs in this process from now on:
+    a key that does not look like a key (an OpenAI-compatible endpoint's own format) is still never
+    echoed back from a provider's error message."""
+    global _known_re
+    if not value:
+        return
+    parts = {value} | {p for p in re.split(r"[.:_\-/]", value) if len(p) >= _DISTINCTIVE}
+    if parts <= _known:
+        return
+    _known.update(parts)
+    _known_re = re.compile("|".join(re.escape(p) for p in sorted(_known, key=len, reverse=True)))
 
 
 def scrub(text: str) -> str:
-    """Mask anything that looks like a provider key, a bearer token or a password in a URL."""
-    return _SECRET_VALUES.sub(MASK, text)
+    """Mask anything that looks like a provider key, a bearer token or a password in a URL, and every
+    secret this process was told of (`remember_secret`)."""
+    text = _SECRET_VALUES.sub(MASK, text)
+    return _known_re.sub(MASK, text) if _known_re is not None else text
 
 
 def _clean(value: Any) -> Any:

@@ -282,6 +282,22 @@ async def test_a_missing_key_is_named_and_the_next_target_serves(
     assert [(a.pool, a.error) for a in served.attempts] == [("openai", "SKIPPED_NO_KEY"), ("anthropic", None)]
 
 
+async def test_a_key_of_no_known_shape_echoed_by_a_provider_is_masked_in_the_reply(
+    nats_url: str, db: asyncpg.Pool, nc: NATS, fakes: Fakes
+) -> None:
+    planted = "zaiprobe." + "K3yN0tShap3dL1ke4nyth1ng"
+    cfg = fleet_config({f: fakes[f].url + BASE_PATH[f] for f in FORMATS})
+    fakes["openai"].scenarios["echo_key"] = Scenario(status=400, error_body={"error": {
+        "message": f"Invalid request made with key {planted}", "type": "invalid_request_error", "code": None}})
+    keys: dict[str, str | None] = {"openai": planted, "anthropic": "test-key", "gemini": "test-key"}
+    async with running_fleet(nats_url, cfg, db, api_keys=keys):
+        [err] = await ask(nc, "openai", request("[[fake:echo_key]]"))
+    assert isinstance(err, Error) and err.code == "INVALID_REQUEST"
+    assert "Invalid request made with key [redacted]" in err.message
+    assert "K3yN0tShap3dL1ke4nyth1ng" not in err.message
+    # The log lines go through the same scrub (tests/test_redact.py: the processor masks remembered keys).
+
+
 async def test_a_provider_message_quoting_a_key_is_masked(multi: Fleet, nc: NATS, fakes: Fakes) -> None:
     leaked = "sk-proj-" + "Zz9Yy8Xx7Ww6Vv5Uu4Tt3Ss2"
     fakes["openai"].scenarios["echo"] = Scenario(status=400, error_body={"error": {

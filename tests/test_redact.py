@@ -7,7 +7,7 @@ import json
 
 import structlog
 
-from router.redact import MASK, redact_secrets, scrub
+from router.redact import MASK, redact_secrets, remember_secret, scrub
 
 FAKE_OPENAI = "sk-proj-" + "A1b2C3d4E5f6G7h8I9j0K1l2"
 FAKE_ANTHROPIC = "sk-ant-" + "api03-abcdefghijklmnopqrstu"
@@ -46,3 +46,15 @@ def test_the_configured_logger_never_prints_a_key() -> None:
     line = json.loads(buf.getvalue())
     assert FAKE_OPENAI not in buf.getvalue()
     assert line["api_key"] == MASK and line["event"] == "provider_failed"
+
+
+def test_a_remembered_key_of_no_known_shape_is_masked_in_replies_and_log_lines() -> None:
+    key = "zaiprobe." + "Pl4ntedK3yWithNoShape"
+    assert scrub(f"bad key {key}") == f"bad key {key}"  # no pattern knows it
+    remember_secret(key)
+    assert scrub(f"bad key {key}") == f"bad key {MASK}"
+    assert scrub("the part Pl4ntedK3yWithNoShape alone") == f"the part {MASK} alone"  # a distinctive part too
+    line = redact_secrets(None, "warning", {"event": "failed", "error": f"Invalid request made with key {key}"})
+    assert "Pl4ntedK3yWithNoShape" not in json.dumps(line)
+    remember_secret(None)  # a worker without a key: nothing to remember
+    remember_secret("")

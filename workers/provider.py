@@ -22,7 +22,7 @@ from router.config import Config, PoolConfig, ProviderConfig
 from router.errors import ErrorCode, ProviderFailure, SwitchyardError
 from router.models import model_info
 from router.providers.base import run_probe
-from router.redact import MASK, scrub
+from router.redact import MASK, remember_secret, scrub
 from router.retry import retry_delay_ms, share_ms
 from schemas import (
     Attempt,
@@ -174,6 +174,7 @@ class PoolWorker:
         self.provider: ProviderConfig = cfg.providers[self.provider_name]
         self.adapter = providers.adapter_for(self.provider.format)
         self.api_key = api_keys.get(self.provider_name)
+        remember_secret(self.api_key)  # masked in every reply and log line of this process, whatever its shape
         # How often a long call tells JetStream it is still in progress: well inside ack_wait.
         self.heartbeat = _Heartbeat(keepalive_s if keepalive_s is not None else self.pool.ack_wait_ms / 3000)
         self.progress = progress
@@ -200,6 +201,7 @@ class PoolWorker:
         self.cfg, self.pool, self.provider_name, self.provider = cfg, pool, pool.provider, provider
         self.adapter = providers.adapter_for(provider.format)
         self.api_key = api_keys.get(pool.provider)
+        remember_secret(self.api_key)
         self.health.policy = pool.breaker
         self.health.provider = pool.provider
         self.health.credit_cooldown_ms = provider.credit_cooldown_ms
