@@ -136,6 +136,13 @@ class AccountConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     """This account's requests may force (`model`) any model the config serves, whatever their tier."""
 
 
+class AuditConfig(Struct, kw_only=True, forbid_unknown_fields=True):
+    events_retention_days: Annotated[int, Meta(ge=1, le=365)] = 7
+    """How long the LLM_EVENTS stream keeps a completion event (its max age): an event the auditor has not
+    written by then is lost. Applied to the stream by each process at start and by `config push`;
+    `switchyard status` warns once the oldest unwritten event is half this old."""
+
+
 class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     subject_prefix: Name = "llm"
     providers: dict[Name, ProviderConfig]
@@ -146,6 +153,7 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     accounts: dict[Name, AccountConfig] = {}
     models: dict[str, ModelConfig] = {}
     """Keyed by the model name as routes and requests spell it."""
+    audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
 
     def route(self, use_case: str, tier: str) -> list[Target] | None:
         """The targets for use case × tier, falling back to the use case's `default` tier."""

@@ -145,7 +145,7 @@ async def connect(url: str, name: str, stop: asyncio.Event | None = None) -> NAT
     return nc
 
 
-def _streams(prefix: str) -> list[js_api.StreamConfig]:
+def _streams(prefix: str, events_days: float = 7.0) -> list[js_api.StreamConfig]:
     work = js_api.RetentionPolicy.WORK_QUEUE
     limits = js_api.RetentionPolicy.LIMITS
     file = js_api.StorageType.FILE
@@ -156,7 +156,7 @@ def _streams(prefix: str) -> list[js_api.StreamConfig]:
                             duplicate_window=120.0),
         # Budget alerts (`<prefix>.alerts.budget`) travel with the events, to the same auditor.
         js_api.StreamConfig(name="LLM_EVENTS", subjects=[f"{prefix}.events.>", f"{prefix}.alerts.>"],
-                            retention=limits, storage=file, max_age=7 * DAY, duplicate_window=120.0),
+                            retention=limits, storage=file, max_age=events_days * DAY, duplicate_window=120.0),
         js_api.StreamConfig(name="LLM_DLQ", subjects=[f"{prefix}.dlq.>"], retention=limits, storage=file,
                             max_age=30 * DAY),
         js_api.StreamConfig(name="LLM_RES", subjects=[f"{prefix}.res.>"], retention=limits, storage=file,
@@ -208,7 +208,7 @@ def audit_consumer(prefix: str) -> js_api.ConsumerConfig:
 async def ensure_topology(js: JetStreamContext, cfg: Config) -> None:
     """Create or update every stream and durable consumer; safe to run from every replica."""
     prefix = cfg.subject_prefix
-    for stream in _streams(prefix):
+    for stream in _streams(prefix, cfg.audit.events_retention_days):
         assert stream.name is not None
         try:
             await js.stream_info(stream.name)
