@@ -10,7 +10,7 @@ from pathlib import Path
 from router.config import ConfigError
 
 from . import processes
-from .commands import accounts, ask, budget, dlq, explain, fleet, providers, report, status
+from .commands import accounts, ask, budget, dlq, explain, fleet, providers, report, reprice, status
 from .commands import breaker as breaker_noun
 from .commands import config as config_noun
 from .commands.preflight import database_problem
@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--config")
 
     # the operator's commands, one module each
-    for noun in (ask, status, dlq, config_noun, accounts, explain, providers, budget, report):
+    for noun in (ask, status, dlq, config_noun, accounts, explain, providers, budget, report, reprice):
         noun.register(sub)
     breaker_noun.register(sub)
     return p
