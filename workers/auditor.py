@@ -36,10 +36,12 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from router.errors import ErrorCode
+from router.redact import scrub
+from router.vitals import Vitals
 from schemas import CompletionEvent, decode_event
 
 from .budget import BudgetAlert
-from .publish import Publisher
+from .publish import Publisher, now_ms
 
 log = structlog.get_logger("auditor")
 
@@ -237,6 +239,8 @@ class Auditor:
         self.pub = pub
         self.pool = pool
         self.batch = batch
+        self.vitals = Vitals(clock=now_ms)
+        """Events in flight, recent batches, and whether writing fails now: served by its health endpoint."""
 
     async def serve(self, stop: asyncio.Event) -> None:
         sub = await self.js.pull_subscribe_bind("audit", "LLM_EVENTS")
@@ -256,12 +260,15 @@ class Auditor:
                 continue
             # The loop's one error boundary: whatever a batch raises, its unsettled events come back.
             try:
-                await self.write(msgs)
+                with self.vitals.working(len(msgs)):
+                    await self.write(msgs)
             except Exception as exc:
+                self.vitals.failing(scrub(f"{type(exc).__name__}: {exc}")[:300])
                 await self._retry_later(msgs, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _MAX_BACKOFF_S)
             else:
+                self.vitals.recovered()
                 delay = _FIRST_BACKOFF_S
         await sub.unsubscribe()
 

@@ -12,6 +12,7 @@ from nats.js import JetStreamContext
 from router.config import Config
 from router.errors import ErrorCode, SwitchyardError
 from router.routing import AlwaysHealthy, Health, Selection, select
+from router.vitals import Vitals
 from schemas import (
     Attempt,
     CompletionEvent,
@@ -98,6 +99,8 @@ class Dispatcher:
         """The accounts' rate limits, shared by every replica (default: none enforced)."""
         self.budgets = budgets
         """The accounts' budgets, shared by every replica (default: none enforced)."""
+        self.vitals = Vitals(clock=now_ms)
+        """Requests in flight and recent outcomes (forwarded, or refused), served by its health endpoint."""
 
     async def serve(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -110,7 +113,8 @@ class Dispatcher:
                     log.warning("account_routes_not_loaded", waited_s=ACCOUNTS_START_S,
                                 effect="serving with the config's routes until PostgreSQL answers")
             log.info("dispatcher_started", account_routes=self.accounts is not None)
-            await serve_pull(self.pub.nc, "LLM_REQ", "dispatch", self.handle, stop, limit=self.concurrency,
+            await serve_pull(self.pub.nc, "LLM_REQ", "dispatch", self.vitals.tracked(self.handle), stop,
+                             limit=self.concurrency,
                              give_up=self.give_up, max_deliver=MAX_DELIVER,
                              holds=self.rates.holds if self.rates is not None else None)
 
@@ -213,6 +217,7 @@ class Dispatcher:
         rid, reply_to = (req.id, req.reply_to) if req is not None else peek_request(msg.data)
         account = req.account if req is not None else account
         log.warning("refused", request_id=rid, code=err.code.value, error=err.message[:500], subject=msg.subject[:200])
+        self.vitals.fail()
         answered = copied = False
         if rid is not None and reply_to is not None:
             try:

@@ -16,7 +16,7 @@ from nats.js import JetStreamContext
 from router import config as config_mod
 from router.config import Config, ConfigError
 
-from . import admin, configstore
+from . import admin, configstore, discovery
 from .accounts import AccountRoutes
 from .auditor import Auditor
 from .budget import Budgets
@@ -111,11 +111,13 @@ async def run_dispatcher(stop: asyncio.Event, cfg: Config, nats_url: str) -> Non
                                 budgets=await Budgets.open(js, cfg.subject_prefix))
         live.on_change(lambda new: setattr(dispatcher, "cfg", new))  # one assignment: a whole config at once
         service = await admin.start(nc, dispatcher, cfg.subject_prefix)
+        found = await discovery.start(nc, discovery.Reporter("dispatcher", dispatcher.vitals), cfg.subject_prefix, stop)
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(live.follow(js, stop))
                 await dispatcher.serve(stop)
         finally:
+            await discovery.stop_quietly(found)
             await service.stop()
             await health.stop()
     finally:
@@ -162,6 +164,7 @@ async def run_worker(stop: asyncio.Event, cfg: Config, nats_url: str, pool: str)
             live.on_change(lambda new: worker.reconfigure(new, api_keys(new)))
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(live.follow(js, stop))
+                tg.create_task(discovery.watch_provider(stop, worker))  # its provider's health, in its stats
                 await worker.serve(stop)
     finally:
         await nc.drain()
@@ -178,7 +181,12 @@ async def run_auditor(stop: asyncio.Event, cfg: Config, nats_url: str, database_
         try:
             js = nc.jetstream()
             await ensure_topology(js, cfg)
-            await Auditor(js, Publisher(nc, js, cfg.subject_prefix), pool).serve(stop)
+            auditor = Auditor(js, Publisher(nc, js, cfg.subject_prefix), pool)
+            found = await discovery.start(nc, discovery.Reporter("auditor", auditor.vitals), cfg.subject_prefix, stop)
+            try:
+                await auditor.serve(stop)
+            finally:
+                await discovery.stop_quietly(found)
         finally:
             await nc.drain()
     finally:

@@ -24,6 +24,7 @@ from router.models import model_info
 from router.providers.base import run_probe
 from router.redact import MASK, remember_secret, scrub
 from router.retry import retry_delay_ms, share_ms
+from router.vitals import Vitals
 from schemas import (
     Attempt,
     Chunk,
@@ -37,6 +38,7 @@ from schemas import (
     encode,
 )
 
+from . import discovery
 from .budget import Budgets
 from .health import HealthView, PoolHealth
 from .progress import Finished, Progress
@@ -182,6 +184,10 @@ class PoolWorker:
         self.budgets = budgets
         """Settles each request's budget reservation when it ends (default: nothing settled)."""
         self.log = log.bind(pool=pool)
+        self.vitals = Vitals(clock=now_ms)
+        """Recent attempts and the provider's last check, served by the health endpoint (workers/discovery.py)."""
+        self.reporter = discovery.Reporter("worker", self.vitals, pool=pool, provider=lambda: self.provider_name,
+                                           in_flight=lambda: len(self.heartbeat.inflight))
         self.health = health or PoolHealth(
             HealthView(js), pool=pool, policy=self.pool.breaker, provider=self.provider_name,
             credit_cooldown_ms=self.provider.credit_cooldown_ms,
@@ -215,10 +221,13 @@ class PoolWorker:
         consumer = f"pool-{self.pool_name}"
         # The endpoint is up before the key report says this worker is live, and stays up until the report
         # is gone: a worker that `switchyard providers` counts answers `providers test`.
+        self.reporter.stop = stop
         service = await add_service(self.pub.nc, name=TEST_SERVICE, version="1.0.0", queue_group="q",
-                                    metadata={"pool": self.pool_name}, description="a pool's worker: providers test")
+                                    metadata=self.reporter.metadata(), stats_handler=self.reporter.stats_handler,
+                                    description="a pool's worker: providers test, health")
         await service.add_endpoint(name="providers-test", handler=self.answer_provider_test,
                                    subject=provider_test_subject(self.pub.prefix, self.pool_name))
+        await discovery.add_health(service, self.reporter, self.pub.prefix)
         try:
             await self.health.start()
             try:
@@ -236,8 +245,13 @@ class PoolWorker:
 
     async def answer_provider_test(self, request: MicroRequest) -> None:
         """`switchyard providers test`: one models-list call to the provider with this worker's key, answered as
-        a ProviderTest. Counts toward nothing (no breaker, no credit). The error boundary of the endpoint: the
-        reply never carries the key, and anything unexpected is logged and answered as a failure."""
+        a ProviderTest. Counts toward nothing (no breaker, no credit)."""
+        await request.respond(msgspec.json.encode(await self.test_provider()))
+
+    async def test_provider(self) -> ProviderTest:
+        """One models-list call to the provider with this worker's key (`providers test`, and the periodic
+        check of workers/discovery.py). The error boundary of the call: the answer never carries the key, and
+        anything unexpected is logged and answered as a failure."""
         provider, cfg, key = self.provider_name, self.provider, self.api_key  # one config for the whole call
         adapter = providers.adapter_for(cfg.format)
         call = adapter.probe(base_url=cfg.base_url, api_key=key, headers=cfg.headers)
@@ -276,7 +290,7 @@ class PoolWorker:
         )
         self.log.info("provider_tested", provider=provider, ok=answer.ok, latency_ms=latency_ms, status=status,
                       code=answer.code)
-        await request.respond(msgspec.json.encode(answer))
+        return answer
 
     async def handle(self, msg: Msg) -> None:
         """One work item: the error boundary for what a request can cause. What escapes it (NATS failing
@@ -378,6 +392,7 @@ class PoolWorker:
             latency_ms=now_ms() - started,
         )
         work.attempts.append(attempt)
+        self.vitals.record(failure is None, attempt.latency_ms or 0)
         if failure is None:
             out.cost_usd = self._cost(target.model, out.usage)
             await self._end(work, out, None)
