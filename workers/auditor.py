@@ -41,6 +41,7 @@ from router.vitals import Vitals
 from schemas import CompletionEvent, decode_event
 
 from .budget import BudgetAlert
+from .metrics import AuditorMetrics
 from .publish import Publisher, now_ms
 
 log = structlog.get_logger("auditor")
@@ -234,7 +235,12 @@ def _why_refused(exc: Exception) -> tuple[ErrorCode, str]:
 
 
 class Auditor:
-    def __init__(self, js: JetStreamContext, pub: Publisher, pool: asyncpg.Pool, *, batch: int = 500) -> None:
+    def __init__(
+        self, js: JetStreamContext, pub: Publisher, pool: asyncpg.Pool, *, batch: int = 500,
+        metrics: AuditorMetrics | None = None,
+    ) -> None:
+        self.metrics = metrics if metrics is not None else AuditorMetrics()
+        """What it counts (default: a registry nobody serves)."""
         self.js = js
         self.pub = pub
         self.pool = pool
@@ -250,6 +256,7 @@ class Auditor:
             try:
                 msgs = await sub.fetch(self.batch, timeout=1)
             except TimeoutError:
+                self.metrics.idle()
                 continue
             except Exception as exc:
                 if self.pub.nc.is_closed:
@@ -258,17 +265,20 @@ class Auditor:
                 log.warning("audit_fetch_failed", error=repr(exc))
                 await asyncio.sleep(_FIRST_BACKOFF_S)
                 continue
+            self.metrics.fetched(msgs)
             # The loop's one error boundary: whatever a batch raises, its unsettled events come back.
             try:
                 with self.vitals.working(len(msgs)):
                     await self.write(msgs)
             except Exception as exc:
                 self.vitals.failing(scrub(f"{type(exc).__name__}: {exc}")[:300])
+                self.metrics.failed(outage=isinstance(exc, LedgerUnavailable))
                 await self._retry_later(msgs, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _MAX_BACKOFF_S)
             else:
                 self.vitals.recovered()
+                self.metrics.settled()
                 delay = _FIRST_BACKOFF_S
         await sub.unsubscribe()
 
@@ -311,6 +321,7 @@ class Auditor:
             return
         for m, _ in pending:
             await m.ack()
+        self.metrics.rows.inc(len(pending))
 
     async def _record_alerts(self, msgs: list[Msg]) -> None:
         """Budget alerts into `llm_budget_alerts` (a redelivered one changes nothing), then acked. Raises
@@ -332,8 +343,9 @@ class Auditor:
             for m, _ in rows:
                 await self._dead_letter(m, _why_refused(exc)[0], _why_refused(exc)[1])
             return
-        for m, _ in rows:
+        for m, r in rows:
             await m.ack()
+            self.metrics.alerted(str(r[1]))
 
     async def _insert(self, rows: list[tuple[object, ...]]) -> None:
         """Raises LedgerUnavailable on an outage; any other exception means PostgreSQL refused these rows."""
@@ -358,6 +370,7 @@ class Auditor:
             await self._nak(m, _DEAD_LETTER_RETRY_S)
             return
         await m.term()
+        self.metrics.dead_letters.inc()
 
     async def _retry_later(self, msgs: list[Msg], exc: Exception, delay: float) -> None:
         """Nak what is not settled yet; JetStream redelivers it after `delay` and the insert is idempotent."""

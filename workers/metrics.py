@@ -151,7 +151,7 @@ class _HealthCollector:
 
 class DispatcherMetrics:
     """The dispatcher's: requests handed to pools, refusals by code (rate limits, budgets, no route, ...),
-    holds, and every pool's breaker and provider's credit as its health view sees them."""
+    and every pool's breaker and provider's credit as its health view sees them."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else new_registry()
@@ -164,10 +164,6 @@ class DispatcherMetrics:
         self.dispatched = Counter(
             "switchyard_dispatched", "Requests handed to the first pool of their route", ["use_case", "pool"],
             registry=r)
-        self.holds = Counter(
-            "switchyard_dispatcher_holds",
-            "Requests put back in LLM_REQ until their booked turn under the account's rate limit (queue_ms)",
-            ["use_case"], registry=r)
         self._known = _Known()
 
     def follow_health(self, view: HealthView, cfg: Callable[[], Config]) -> None:
@@ -178,9 +174,6 @@ class DispatcherMetrics:
 
     def handed(self, cfg: Config, use_case: str | None, pool: str) -> None:
         self.dispatched.labels(self._known.use_case(cfg, use_case), self._known.pool(cfg, pool)).inc()
-
-    def held(self, cfg: Config, use_case: str | None) -> None:
-        self.holds.labels(self._known.use_case(cfg, use_case)).inc()
 
     def refused(self, cfg: Config, use_case: str | None, code: str) -> None:
         uc = self._known.use_case(cfg, use_case)
@@ -228,9 +221,14 @@ class WorkerMetrics:
             "switchyard_cost_usd", "Cost in USD of the successful requests, as their done reply priced them",
             list(_USE_CASE), registry=r)
         self._known = _Known()
+        self._following = False
 
     def follow(self, view: HealthView, cfg: Callable[[], Config], inflight: Callable[[], int]) -> None:
-        """Export the pool's in-flight items, concurrency, breaker and its provider's credit (`view` started)."""
+        """Export the pool's in-flight items, concurrency, breaker and its provider's credit (`view` started).
+        Once: a second call (the worker served again) changes nothing."""
+        if self._following:
+            return
+        self._following = True
         pool = self.pool
         self.registry.register(_Gauges(
             ("switchyard_pool_inflight", "Work items this worker holds now (being called, streamed or retried)",
@@ -340,6 +338,13 @@ class AuditorMetrics:
         oldest = min(m.metadata.timestamp.timestamp() for m in msgs)
         self._oldest_s = oldest if self._oldest_s is None else min(self._oldest_s, oldest)
         self.pending.set(msgs[-1].metadata.num_pending)
+
+    def failed(self, *, outage: bool) -> None:
+        """A batch was put back: PostgreSQL unavailable (`outage`), or anything else."""
+        self.failures.labels("ledger_unavailable" if outage else "error").inc()
+
+    def alerted(self, period: str) -> None:
+        self.alerts.labels(period if period in ("day", "month") else OTHER).inc()
 
     def idle(self) -> None:
         """A fetch found nothing to deliver."""
