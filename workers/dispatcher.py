@@ -27,6 +27,7 @@ from schemas.limits import id_problem
 
 from .accounts import AccountRoutes
 from .budget import BudgetRefused, Budgets
+from .metrics import DispatcherMetrics
 from .publish import Publisher, PublishRefused, now_ms, prompt_fingerprint
 from .pull import serve_pull
 from .ratelimits import RateLimited, RateLimiter
@@ -84,6 +85,7 @@ class Dispatcher:
         accounts: AccountRoutes | None = None,
         rates: RateLimiter | None = None,
         budgets: Budgets | None = None,
+        metrics: DispatcherMetrics | None = None,
     ) -> None:
         """`health` says which pools and providers can be called (default: all of them); `accounts`
         holds the accounts' own routes, followed while `serve` runs (default: none)."""
@@ -99,6 +101,8 @@ class Dispatcher:
         """The accounts' rate limits, shared by every replica (default: none enforced)."""
         self.budgets = budgets
         """The accounts' budgets, shared by every replica (default: none enforced)."""
+        self.metrics = metrics if metrics is not None else DispatcherMetrics()
+        """What it counts (default: a registry nobody serves)."""
         self.vitals = Vitals(clock=now_ms)
         """Requests in flight and recent outcomes (forwarded, or refused), served by its health endpoint."""
 
@@ -172,6 +176,7 @@ class Dispatcher:
                     field="$.id",
                 )
             await msg.ack()
+            self.metrics.handed(self.cfg, req.use_case, route[0].pool)
             log.debug("dispatched", request_id=req.id, account=req.account, pool=route[0].pool)
         except InvalidMessage as exc:
             # A reused id's completion event would take the place of the first request's own.
@@ -237,6 +242,7 @@ class Dispatcher:
                 log.warning("dead_letter_failed", request_id=rid, error=repr(exc))
         if not (answered or copied):
             raise RuntimeError("neither the refusal nor its dead-letter copy could be published")
+        self.metrics.refused(self.cfg, (req.use_case if req is not None else None) or use_case, err.code.value)
         if record and rid is not None and account is not None and id_problem(rid) is None:
             try:
                 event = self._refusal_event(err, rid, req, use_case, account)

@@ -41,6 +41,7 @@ from schemas import (
 from . import discovery
 from .budget import Budgets
 from .health import HealthView, PoolHealth
+from .metrics import OK, WorkerMetrics
 from .progress import Finished, Progress
 from .publish import Publisher, now_ms, prompt_fingerprint
 from .pull import serve_pull
@@ -162,6 +163,7 @@ class PoolWorker:
         health: PoolHealth | None = None,
         budgets: Budgets | None = None,
         rates: RateLimiter | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         """`health` is the pool's shared breaker, its provider's credit and its key report (default: read
         and written through `js`'s KV buckets). `rates` holds the pool's own rate limit state (default:
@@ -183,6 +185,8 @@ class PoolWorker:
         self.rates = rates
         self.budgets = budgets
         """Settles each request's budget reservation when it ends (default: nothing settled)."""
+        self.metrics = metrics if metrics is not None else WorkerMetrics(pool)
+        """What it counts (default: a registry nobody serves)."""
         self.log = log.bind(pool=pool)
         self.vitals = Vitals(clock=now_ms)
         """Recent attempts and the provider's last check, served by the health endpoint (workers/discovery.py)."""
@@ -230,6 +234,7 @@ class PoolWorker:
         await discovery.add_health(service, self.reporter, self.pub.prefix)
         try:
             await self.health.start()
+            self.metrics.follow(self.health.view, lambda: self.cfg, lambda: len(self.heartbeat.inflight))
             try:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self.heartbeat.run(stop))
@@ -375,6 +380,7 @@ class PoolWorker:
         wait = failure.retry_after_ms if failure is not None else None
         if wait is not None and now_ms() + wait < deadline_ms:
             await self._put_back(msg, wait, bound)
+            self.metrics.waited("pool_limit")
             bound.info("waiting_for_pool_limit", wait_ms=wait)
             return
         try:
@@ -392,6 +398,7 @@ class PoolWorker:
             latency_ms=now_ms() - started,
         )
         work.attempts.append(attempt)
+        self.metrics.attempted(self.cfg, self.provider_name, target.model, failure.code.value if failure else OK)
         self.vitals.record(failure is None, attempt.latency_ms or 0)
         if failure is None:
             out.cost_usd = self._cost(target.model, out.usage)
@@ -409,6 +416,7 @@ class PoolWorker:
                 {"Nats-Msg-Id": f"{req.account}:{req.id}:{len(nxt.attempts)}"},
             )
             await msg.ack()
+            self.metrics.fell_back(self.provider_name, failure.code.value)
             bound.warning("fell_back", code=failure.code.value, error=failure.message, to=str(nxt.route[0]))
             return
         if await self._wait_for_provider(msg, out, failure, deadline_ms, bound):
@@ -433,6 +441,7 @@ class PoolWorker:
         if wait is None or wait <= self.pool.retry.max_ms or out.seq or now_ms() + wait >= deadline_ms:
             return False
         await self._put_back(msg, wait, bound)
+        self.metrics.waited("provider_wait")
         bound.info("waiting_for_provider", wait_ms=wait, code=failure.code.value)
         return True
 
@@ -479,6 +488,8 @@ class PoolWorker:
             settle = self.budgets.settle(self.cfg, work, out.cost_usd, failed=failure is not None)
             await asyncio.gather(self.pub.reply(req.reply_to, reply, account=req.account), settle)
         out.terminal_sent = True
+        self.metrics.ended(self.cfg, work, self.provider_name, failure.code.value if failure else OK, out.usage,
+                           out.cost_usd, out.first_token_ms)
         await self.progress.finished(req.account, req.id)
         event = encode(self._event(work, out, error=failure.code.value if failure else None))
         try:
@@ -591,6 +602,7 @@ class PoolWorker:
                                   asked_ms=failure.retry_after_ms, max_ms=policy.max_ms,
                                   left_ms=int(self._left_ms(share, deadline_ms)))
                     return failure
+                self.metrics.retried(self.provider_name, failure.code.value)
                 self.log.info("retrying", request_id=req.id, code=failure.code.value, delay_ms=delay,
                               http_status=failure.http_status)
                 await asyncio.sleep(delay / 1000)
