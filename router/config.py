@@ -141,6 +141,9 @@ class AuditConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     """How long the LLM_EVENTS stream keeps a completion event (its max age): an event the auditor has not
     written by then is lost. Applied to the stream by each process at start and by `config push`;
     `switchyard status` warns once the oldest unwritten event is half this old."""
+    retention_days: Annotated[int, Meta(ge=1)] | None = None
+    """How long the ledger keeps a row (`llm_audit`, by the time its request finished): every auditor
+    deletes older rows, in small batches, at start and then every hour. None: rows are kept for good."""
 
 
 class Config(Struct, kw_only=True, forbid_unknown_fields=True):

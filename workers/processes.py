@@ -28,6 +28,7 @@ from .progress import Progress, ensure_bucket
 from .provider import PoolWorker
 from .publish import Publisher
 from .ratelimits import RateLimiter
+from .retention import Retention
 from .runtime import connect, ensure_topology
 
 log = structlog.get_logger()
@@ -184,7 +185,9 @@ async def run_auditor(stop: asyncio.Event, cfg: Config, nats_url: str, database_
             auditor = Auditor(js, Publisher(nc, js, cfg.subject_prefix), pool)
             found = await discovery.start(nc, discovery.Reporter("auditor", auditor.vitals), cfg.subject_prefix, stop)
             try:
-                await auditor.serve(stop)
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(Retention(pool, cfg.audit.retention_days).run(stop))  # audit.retention_days
+                    await auditor.serve(stop)
             finally:
                 await discovery.stop_quietly(found)
         finally:
