@@ -21,6 +21,8 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from schemas import Chunk, Done, Error, Message, Reply, Request, decode_reply, encode
 from schemas.limits import id_problem
@@ -30,6 +32,7 @@ from .errors import ErrorCode, SwitchyardError
 __all__ = ["Client", "Message", "Stream", "SwitchyardError", "new_request_id"]
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_TRACE_CONTEXT = TraceContextTextMapPropagator()
 
 
 def new_request_id() -> str:
@@ -159,6 +162,9 @@ class Client:
             raise RuntimeError("Client is not connected: use `await Client.connect(nc)`")
         # Deduplication scoped by account: another account's request with the same id is not a duplicate.
         headers = {"Nats-Msg-Id": f"{req.account}:{req.id}"}
+        # The caller's current OpenTelemetry span, if any, becomes the parent of the fleet's spans for this request.
+        if trace.get_current_span().get_span_context().is_valid:
+            _TRACE_CONTEXT.inject(headers)
         await self.js.publish(f"{self.prefix}.req.{req.use_case}.{req.account}", encode(req), headers=headers)
 
     def stream(self, use_case: str, account: str, messages: Sequence[Message], **fields: Any) -> Stream:

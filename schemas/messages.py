@@ -220,6 +220,8 @@ class CompletionEvent(Struct, kw_only=True):
     prompt_sha256: str = ""
     finish_reason: str | None = None
     metadata: dict[str, str] = {}
+    trace_id: Annotated[str, Meta(pattern="^[0-9a-f]{32}$")] | None = None
+    """The request's OpenTelemetry trace id, when it came with a W3C `traceparent` or the fleet traced it."""
 
 
 __all__ = [

@@ -189,6 +189,7 @@ class Fleet:
                                       # refuse the floods some tests send through one account
                                       rates=await RateLimiter.open(djs) if self.cfg.limits != LimitsConfig() else None,
                                       budgets=await Budgets.open(djs, prefix) if self.budgets else None,
+                                      tracing=self.worker_opts.get("tracing"),  # the workers get it too
                                       ).serve(self.stop))
             for pool in self.pools:
                 wnc = await self._conn()

@@ -50,9 +50,10 @@ _INSERT = """
 INSERT INTO llm_audit (
     request_id, account, use_case, tier, status, code, provider, model, attempts,
     input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, reasoning_tokens, raw_usage,
-    cost_usd, latency_ms, ttft_ms, started_at, finished_at, prompt_chars, prompt_sha256, finish_reason, metadata
+    cost_usd, latency_ms, ttft_ms, started_at, finished_at, prompt_chars, prompt_sha256, finish_reason, metadata,
+    trace_id
 ) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10, $11, $12, $13, $14, $15::jsonb,
-          $16, $17, $18, $19, $20, $21, $22, $23, $24::jsonb)
+          $16, $17, $18, $19, $20, $21, $22, $23, $24::jsonb, $25)
 ON CONFLICT (account, request_id) DO UPDATE SET
     use_case = EXCLUDED.use_case,
     tier = EXCLUDED.tier,
@@ -76,6 +77,7 @@ ON CONFLICT (account, request_id) DO UPDATE SET
     prompt_sha256 = EXCLUDED.prompt_sha256,
     finish_reason = EXCLUDED.finish_reason,
     metadata = EXCLUDED.metadata,
+    trace_id = EXCLUDED.trace_id,
     recorded_at = now()
 -- Only a refusal (an error before any provider was tried) gives way, to the outcome of the same request
 -- sent again (a dead-letter replay); a row with a provider call, and so possibly a cost, is never replaced.
@@ -212,7 +214,7 @@ def row(ev: CompletionEvent) -> tuple[object, ...]:
         u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens, u.reasoning_tokens,
         _json(ev.raw_usage) if ev.raw_usage is not None else None,
         ev.cost_usd, ev.latency_ms, ev.ttft_ms, _ts("started_ms", ev.started_ms), _ts("finished_ms", ev.finished_ms),
-        ev.prompt_chars, ev.prompt_sha256, ev.finish_reason, _json(ev.metadata),
+        ev.prompt_chars, ev.prompt_sha256, ev.finish_reason, _json(ev.metadata), ev.trace_id,
     )
 
 

@@ -32,6 +32,7 @@ from .publish import Publisher, PublishRefused, now_ms, prompt_fingerprint
 from .pull import serve_pull
 from .ratelimits import RateLimited, RateLimiter
 from .runtime import MAX_DELIVER
+from .tracing import DISPATCH_SPAN, Tracing
 
 log = structlog.get_logger("dispatcher")
 
@@ -86,9 +87,12 @@ class Dispatcher:
         rates: RateLimiter | None = None,
         budgets: Budgets | None = None,
         metrics: DispatcherMetrics | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         """`health` says which pools and providers can be called (default: all of them); `accounts`
-        holds the accounts' own routes, followed while `serve` runs (default: none)."""
+        holds the accounts' own routes, followed while `serve` runs (default: none); `tracing` makes a span
+        per request (default: off, the producer's trace context is passed on as it came)."""
+        self.tracing = tracing or Tracing.off()
         self.js = js
         self.pub = pub
         self.cfg = cfg
@@ -135,6 +139,17 @@ class Dispatcher:
         return selection
 
     async def handle(self, msg: Msg) -> None:
+        """One request, in a span of its own (a child of the producer's `traceparent`) when tracing is on."""
+        if not self.tracing.on:
+            return await self._handle(msg)
+        attributes: dict[str, str | int] = {
+            "messaging.system": "nats", "messaging.destination.name": msg.subject[:200],
+            "messaging.nats.num_delivered": msg.metadata.num_delivered,
+        }
+        with self.tracing.consume(DISPATCH_SPAN, msg.headers, attributes):
+            await self._handle(msg)
+
+    async def _handle(self, msg: Msg) -> None:
         """One request: the error boundary for what a request can cause. What escapes it (NATS failing
         under it) reaches the pull loop, which delivers the request again and finally gives up on it."""
         use_case, account = self._subject_tokens(msg.subject)
@@ -147,10 +162,13 @@ class Dispatcher:
                 )
             req = decode_request(msg.data, use_case=use_case, account=account, max_payload=self.pub.nc.max_payload)
             published_ms = _published_ms(msg)
+            if self.tracing.on:
+                self._traced(req)
             _check_deadline(req, published_ms)
             if self.rates is not None:
                 held_ms = await self.rates.admit(req, msg, published_ms, self.cfg.limits)  # raises RateLimited
                 if held_ms is not None:  # waits for its booked turn in the stream (queue_ms), not in a slot here
+                    self.tracing.current().set_attribute("switchyard.held_ms", held_ms)
                     await msg.nak(delay=held_ms / 1000)
                     return
             selection = self.select(req)
@@ -160,6 +178,9 @@ class Dispatcher:
             work = encode(WorkItem(request=req, route=route, attempts=selection.attempts(), accepted_ms=published_ms,
                                    reserved_usd=reserved))
             headers = {"Nats-Msg-Id": f"{req.account}:{req.id}"}
+            self.tracing.inject(headers, msg.headers)  # the worker's attempt spans are children of this one
+            if self.tracing.on:
+                self.tracing.current().set_attribute("switchyard.route", [str(t) for t in route])
             try:
                 self.pub.check(f"{self.prefix}.work.{route[0].pool}", work, headers)
             except PublishRefused as exc:
@@ -197,6 +218,12 @@ class Dispatcher:
         err = SwitchyardError(ErrorCode.INTERNAL, f"the dispatcher gave up on this request: {reason}")
         await self._refuse(msg, err, None, use_case, account)
 
+    def _traced(self, req: Request) -> None:
+        self.tracing.current().set_attributes({
+            "switchyard.request_id": req.id, "switchyard.account": req.account,
+            "switchyard.use_case": req.use_case or "", "switchyard.tier": req.tier,
+        })
+
     def _subject_tokens(self, subject: str) -> tuple[str | None, str | None]:
         tokens = subject.split(".")
         if len(tokens) != 4 or not all(_NAME.fullmatch(t) for t in tokens[2:]):
@@ -222,6 +249,7 @@ class Dispatcher:
         rid, reply_to = (req.id, req.reply_to) if req is not None else peek_request(msg.data)
         account = req.account if req is not None else account
         log.warning("refused", request_id=rid, code=err.code.value, error=err.message[:500], subject=msg.subject[:200])
+        self.tracing.failed(err.code.value)
         self.vitals.fail()
         answered = copied = False
         if rid is not None and reply_to is not None:
@@ -246,6 +274,7 @@ class Dispatcher:
         if record and rid is not None and account is not None and id_problem(rid) is None:
             try:
                 event = self._refusal_event(err, rid, req, use_case, account)
+                event.trace_id = self.tracing.trace_id(msg.headers)
                 await self.pub.refusal_event(event, origin_seq=msg.metadata.sequence.stream)
             except Exception as exc:
                 log.warning("refusal_event_failed", request_id=rid, error=repr(exc))

@@ -47,6 +47,7 @@ from .publish import Publisher, now_ms, prompt_fingerprint
 from .pull import serve_pull
 from .ratelimits import RateLimiter, describe_pool, pool_limit, pool_tokens
 from .runtime import MAX_DELIVER
+from .tracing import ATTEMPT_SPAN, PROVIDER_CALL_SPAN, Tracing
 
 log = structlog.get_logger("worker")
 
@@ -96,6 +97,10 @@ class _Outcome:
     first_token_ms: int | None = None
     cost_usd: float | None = None
     terminal_sent: bool = False
+    tries: int = 0
+    """Calls made to the provider on this target (retries are the calls after the first)."""
+    trace_id: str | None = None
+    """The request's trace id, for its completion event."""
 
 
 @dataclass
@@ -163,11 +168,14 @@ class PoolWorker:
         health: PoolHealth | None = None,
         budgets: Budgets | None = None,
         rates: RateLimiter | None = None,
+        tracing: Tracing | None = None,
         metrics: WorkerMetrics | None = None,
     ) -> None:
         """`health` is the pool's shared breaker, its provider's credit and its key report (default: read
         and written through `js`'s KV buckets). `rates` holds the pool's own rate limit state (default:
         the `llm_rates` bucket of `js`, opened when the pool first has a limit)."""
+        self.tracing = tracing or Tracing.off()
+        """A span per attempt and per provider call (default: off; the trace context is passed on as it came)."""
         self.js = js
         self.pub = pub
         self.http = http
@@ -314,7 +322,8 @@ class PoolWorker:
         bound = self.log.bind(request_id=req.id, account=req.account)
         out = _Outcome()
         try:
-            with self.heartbeat.held(msg):
+            with self.heartbeat.held(msg), self._attempt_span(msg, work):
+                out.trace_id = self.tracing.trace_id(msg.headers)
                 await self._serve(msg, work, out, bound)
         except Exception as exc:
             if out.terminal_sent or out.seq == 0:
@@ -342,7 +351,7 @@ class PoolWorker:
                 if state.event is not None:
                     await self.pub.publish(*self._event_message(state.event, req.account, req.id))
             else:
-                await self._end(work, _Outcome(seq=state or 0), err)
+                await self._end(work, _Outcome(seq=state or 0, trace_id=self.tracing.trace_id(msg.headers)), err)
         await self.pub.dead_letter("work", msg.data, subject=msg.subject, code=err.code.value, error=reason,
                                    origin_seq=msg.metadata.sequence.stream)
 
@@ -363,7 +372,7 @@ class PoolWorker:
                 " send the request again",
             )
             work.attempts.append(Attempt(pool=self.pool_name, model=work.route[0].model, error=err.code.value))
-            await self._end(work, _Outcome(seq=state), err)
+            await self._end(work, _Outcome(seq=state, trace_id=self.tracing.trace_id(msg.headers)), err)
             bound.warning("stream_lost", next_seq=state)
         await msg.ack()
         return True
@@ -398,6 +407,8 @@ class PoolWorker:
             latency_ms=now_ms() - started,
         )
         work.attempts.append(attempt)
+        if self.tracing.on:
+            self._trace_attempt(out, failure)
         self.metrics.attempted(self.cfg, self.provider_name, target.model, failure.code.value if failure else OK)
         self.vitals.record(failure is None, attempt.latency_ms or 0)
         if failure is None:
@@ -410,11 +421,10 @@ class PoolWorker:
         if self._can_fall_back(work, out, failure):
             nxt = WorkItem(request=req, route=work.route[1:], attempts=work.attempts, accepted_ms=work.accepted_ms,
                            reserved_usd=work.reserved_usd)
-            await self.pub.publish(
-                f"{self.pub.prefix}.work.{nxt.route[0].pool}",
-                encode(nxt),
-                {"Nats-Msg-Id": f"{req.account}:{req.id}:{len(nxt.attempts)}"},
-            )
+            headers = {"Nats-Msg-Id": f"{req.account}:{req.id}:{len(nxt.attempts)}"}
+            self.tracing.pass_on(headers, msg.headers)  # the next attempt is a child of the dispatcher's span too
+            self.tracing.current().set_attribute("switchyard.fell_back_to", str(nxt.route[0]))
+            await self.pub.publish(f"{self.pub.prefix}.work.{nxt.route[0].pool}", encode(nxt), headers)
             await msg.ack()
             self.metrics.fell_back(self.provider_name, failure.code.value)
             bound.warning("fell_back", code=failure.code.value, error=failure.message, to=str(nxt.route[0]))
@@ -424,6 +434,28 @@ class PoolWorker:
         await self._end(work, out, failure)
         await msg.ack()
         bound.warning("failed", code=failure.code.value, error=failure.message, chunks=out.seq)
+
+    def _attempt_span(self, msg: Msg, work: WorkItem) -> contextlib.AbstractContextManager[object]:
+        """The span of this attempt at the request: a child of the dispatcher's span (the work item's headers)."""
+        if not self.tracing.on:
+            return contextlib.nullcontext()
+        req, target = work.request, work.route[0]
+        attributes: dict[str, str | int] = {
+            "messaging.system": "nats", "messaging.destination.name": msg.subject[:200],
+            "messaging.nats.num_delivered": msg.metadata.num_delivered,
+            "switchyard.request_id": req.id, "switchyard.account": req.account, "switchyard.pool": self.pool_name,
+            "switchyard.provider": self.provider_name, "gen_ai.request.model": target.model,
+            "switchyard.attempt": len(work.attempts) + 1,
+        }
+        if work.attempts:  # the previous target's error is why this one is tried
+            attributes["switchyard.fallback_reason"] = work.attempts[-1].error or ""
+        return self.tracing.consume(ATTEMPT_SPAN, msg.headers, attributes)
+
+    def _trace_attempt(self, out: _Outcome, failure: SwitchyardError | None) -> None:
+        span = self.tracing.current()
+        span.set_attribute("switchyard.retries", max(0, out.tries - 1))
+        if failure is not None:
+            self.tracing.failed(failure.code.value)
 
     async def _holds(self, msg: Msg) -> int:
         return await self.progress.holds(msg.metadata.sequence.stream)
@@ -588,8 +620,12 @@ class PoolWorker:
                     ErrorCode.PROVIDER_UNAVAILABLE, f"breaker open for pool {self.pool_name!r}", retry=False
                 )
             held.ticket = ticket
+            out.tries += 1
             try:
-                await self._call(req, call, out, share, timeout)
+                if self.tracing.on:
+                    await self._call_traced(req, call, out, share, timeout)
+                else:
+                    await self._call(req, call, out, share, timeout)
             except ProviderFailure as failure:
                 held.ticket, held.last = None, failure
                 await self._failed(req, ticket, failure)
@@ -627,6 +663,26 @@ class PoolWorker:
                     out.usage = fin.usage
                     out.raw_usage = fin.raw_usage
                     out.tool_calls = fin.tool_calls
+
+    async def _call_traced(
+        self, req: Request, call: providers.HttpCall, out: _Outcome, share: asyncio.Timeout, timeout: httpx.Timeout
+    ) -> None:
+        """`_call` in a span of its own, a child of the attempt's: the provider, the host called (never the
+        URL's path or query, nor a header), the outcome's code and HTTP status, the tokens."""
+        attributes: dict[str, str | int] = {
+            "gen_ai.system": self.provider.format, "server.address": httpx.URL(self.provider.base_url).host,
+            "switchyard.try": out.tries,
+        }
+        with self.tracing.call(PROVIDER_CALL_SPAN, attributes) as span:
+            try:
+                await self._call(req, call, out, share, timeout)
+            except ProviderFailure as failure:
+                if failure.http_status is not None:
+                    span.set_attribute("http.response.status_code", failure.http_status)
+                self.tracing.failed(failure.code.value)
+                raise
+            span.set_attributes({"gen_ai.usage.input_tokens": out.usage.input_tokens,
+                                 "gen_ai.usage.output_tokens": out.usage.output_tokens})
 
     @staticmethod
     def _left_ms(share: asyncio.Timeout, deadline_ms: int) -> float:
@@ -718,4 +774,5 @@ class PoolWorker:
             prompt_sha256=digest,
             finish_reason=out.finish_reason,
             metadata=req.metadata,
+            trace_id=out.trace_id,
         )
