@@ -36,7 +36,7 @@ async def _ids(db: asyncpg.Pool) -> set[str]:
 
 
 def test_the_config_takes_a_retention_in_days_and_nothing_else() -> None:
-    base = {"providers": {}, "pools": {}, "routes": {}}
+    base: dict[str, object] = {"providers": {}, "pools": {}, "routes": {}}
     assert config_mod.from_mapping(base).audit.retention_days is None  # kept for good unless set
     assert config_mod.from_mapping({**base, "audit": {"retention_days": 90}}).audit.retention_days == 90
     for value, message in ((0, "audit.retention_days: Expected `int` >= 1"),
