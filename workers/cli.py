@@ -9,7 +9,7 @@ from pathlib import Path
 
 from router.config import ConfigError
 
-from . import processes
+from . import metrics, processes
 from .commands import accounts, ask, budget, dlq, explain, fleet, providers, report, reprice, status
 from .commands import breaker as breaker_noun
 from .commands import config as config_noun
@@ -30,9 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (("dispatcher", "the dispatcher"), ("auditor", "the auditor")):
         s = sub.add_parser(name, help=f"run {text} (NATS_URL, DATABASE_URL)")
         s.add_argument("--config")
+        metrics.add_options(s)
     w = sub.add_parser("worker", help="run one pool's provider worker (NATS_URL)")
     w.add_argument("--pool", required=True)
     w.add_argument("--config")
+    metrics.add_options(w)
 
     # the operator's commands, one module each
     for noun in (ask, status, dlq, config_noun, accounts, explain, providers, budget, report, reprice):
@@ -66,15 +68,21 @@ def _serve(args: argparse.Namespace) -> None:
         return
     nats_url = os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
     if args.command == "dispatcher":
-        run(lambda stop: processes.run_dispatcher(stop, cfg, nats_url))
+        dm = metrics.DispatcherMetrics()
+        run(lambda stop: metrics.serving(dm.registry, args.metrics_port, args.metrics_host,
+                                         processes.run_dispatcher(stop, cfg, nats_url, dm)))
     elif args.command == "worker":
-        run(lambda stop: processes.run_worker(stop, cfg, nats_url, args.pool))
+        wm = metrics.WorkerMetrics(args.pool)
+        run(lambda stop: metrics.serving(wm.registry, args.metrics_port, args.metrics_host,
+                                         processes.run_worker(stop, cfg, nats_url, args.pool, wm)))
     elif args.command == "auditor":
         db = os.environ.get("DATABASE_URL")
         if not db:
             sys.exit("switchyard auditor: set DATABASE_URL to the PostgreSQL the audit ledger lives in")
         _require_database(db)
-        run(lambda stop: processes.run_auditor(stop, cfg, nats_url, db))
+        am = metrics.AuditorMetrics()
+        run(lambda stop: metrics.serving(am.registry, args.metrics_port, args.metrics_host,
+                                         processes.run_auditor(stop, cfg, nats_url, db, am)))
 
 
 def _require_database(url: str) -> None:

@@ -13,6 +13,7 @@ the config's; `code` is `OK` or an error code. An account, a request id or a key
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import time
@@ -385,9 +386,30 @@ async def serve_metrics(registry: CollectorRegistry, port: int, host: str = "0.0
         await runner.cleanup()
 
 
-async def serving(
-    registry: CollectorRegistry, port: int, host: str, main: Callable[[], Coroutine[Any, Any, None]]
-) -> None:
-    """Run a process's `main` with its metrics served (see serve_metrics) from before it starts to after it ends."""
-    async with serve_metrics(registry, port, host):
-        await main()
+async def serving(registry: CollectorRegistry, port: int, host: str, main: Coroutine[Any, Any, None]) -> None:
+    """Run a process's `main` with its metrics served (see serve_metrics) from before it starts to after it ends.
+    Raises ConfigError when the port cannot be listened on (`main` is then closed, never started)."""
+    try:
+        async with serve_metrics(registry, port, host):
+            await main
+    finally:
+        main.close()  # nothing for a coroutine that ran; no "never awaited" warning for one that did not
+
+
+def port_number(text: str) -> int:
+    """argparse's type for --metrics-port: 0 (off) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535, or 0 for no metrics)")
+    return port
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """--metrics-port and --metrics-host of a fleet process's command."""
+    parser.add_argument("--metrics-port", type=port_number, default=0, metavar="PORT",
+                        help="serve Prometheus metrics on http://HOST:PORT/metrics (default 0: not served)")
+    parser.add_argument("--metrics-host", default="0.0.0.0", metavar="HOST",
+                        help="the address the metrics are served on (default 0.0.0.0: every interface)")

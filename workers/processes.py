@@ -24,6 +24,7 @@ from .configstore import LiveConfig
 from .db import database_url, migrate
 from .dispatcher import Dispatcher
 from .health import HealthView
+from .metrics import AuditorMetrics, DispatcherMetrics, WorkerMetrics
 from .progress import Progress, ensure_bucket
 from .provider import PoolWorker
 from .publish import Publisher
@@ -98,17 +99,21 @@ async def prepare(nats_url: str, database_url: str, cfg: Config) -> None:
         await conn.close()
 
 
-async def run_dispatcher(stop: asyncio.Event, cfg: Config, nats_url: str) -> None:
+async def run_dispatcher(
+    stop: asyncio.Event, cfg: Config, nats_url: str, metrics: DispatcherMetrics | None = None
+) -> None:
     """The dispatcher, with the admin service (workers/admin.py) on its connection. Account routes
     are followed in PostgreSQL when DATABASE_URL is set, and off (said once in the log) when not."""
     tracing = tracing_from_env(os.environ, "switchyard-dispatcher")  # raises ConfigError naming the variable
     try:
-        await _run_dispatcher(stop, cfg, nats_url, tracing)
+        await _run_dispatcher(stop, cfg, nats_url, tracing, metrics)
     finally:
         tracing.shutdown()
 
 
-async def _run_dispatcher(stop: asyncio.Event, cfg: Config, nats_url: str, tracing: Tracing) -> None:
+async def _run_dispatcher(
+    stop: asyncio.Event, cfg: Config, nats_url: str, tracing: Tracing, metrics: DispatcherMetrics | None
+) -> None:
     nc = await connect(nats_url, "switchyard-dispatcher", stop)
     try:
         js = nc.jetstream()
@@ -118,9 +123,11 @@ async def _run_dispatcher(stop: asyncio.Event, cfg: Config, nats_url: str, traci
         health = HealthView(js)  # breakers, credit and keys, followed while it serves
         await health.start()
         dispatcher = Dispatcher(js, Publisher(nc, js, cfg.subject_prefix), cfg, accounts=account_routes(),
+                                metrics=metrics,
                                 tracing=tracing, health=health, rates=await RateLimiter.open(js),
                                 budgets=await Budgets.open(js, cfg.subject_prefix))
         live.on_change(lambda new: setattr(dispatcher, "cfg", new))  # one assignment: a whole config at once
+        dispatcher.metrics.follow_health(health, lambda: dispatcher.cfg)
         service = await admin.start(nc, dispatcher, cfg.subject_prefix)
         found = await discovery.start(nc, discovery.Reporter("dispatcher", dispatcher.vitals), cfg.subject_prefix, stop)
         try:
@@ -159,15 +166,19 @@ def account_routes() -> AccountRoutes | None:
     return AccountRoutes(url)
 
 
-async def run_worker(stop: asyncio.Event, cfg: Config, nats_url: str, pool: str) -> None:
+async def run_worker(
+    stop: asyncio.Event, cfg: Config, nats_url: str, pool: str, metrics: WorkerMetrics | None = None
+) -> None:
     tracing = tracing_from_env(os.environ, "switchyard-worker", **{"switchyard.pool": pool})
     try:
-        await _run_worker(stop, cfg, nats_url, pool, tracing)
+        await _run_worker(stop, cfg, nats_url, pool, tracing, metrics)
     finally:
         tracing.shutdown()
 
 
-async def _run_worker(stop: asyncio.Event, cfg: Config, nats_url: str, pool: str, tracing: Tracing) -> None:
+async def _run_worker(
+    stop: asyncio.Event, cfg: Config, nats_url: str, pool: str, tracing: Tracing, metrics: WorkerMetrics | None
+) -> None:
     nc = await connect(nats_url, f"switchyard-worker-{pool}", stop)
     try:
         js = nc.jetstream()
@@ -179,6 +190,7 @@ async def _run_worker(stop: asyncio.Event, cfg: Config, nats_url: str, pool: str
         async with http_client() as http:
             progress = Progress(nc, await ensure_bucket(js))
             worker = PoolWorker(js, Publisher(nc, js, cfg.subject_prefix), http, cfg, pool, api_keys(cfg), progress,
+                                metrics=metrics,
                                 tracing=tracing, budgets=await Budgets.open(js, cfg.subject_prefix))
             live.on_change(lambda new: worker.reconfigure(new, api_keys(new)))
             async with asyncio.TaskGroup() as tg:
@@ -189,7 +201,9 @@ async def _run_worker(stop: asyncio.Event, cfg: Config, nats_url: str, pool: str
         await nc.drain()
 
 
-async def run_auditor(stop: asyncio.Event, cfg: Config, nats_url: str, database_url: str) -> None:
+async def run_auditor(
+    stop: asyncio.Event, cfg: Config, nats_url: str, database_url: str, metrics: AuditorMetrics | None = None
+) -> None:
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
     try:
         async with pool.acquire() as conn:
@@ -200,7 +214,7 @@ async def run_auditor(stop: asyncio.Event, cfg: Config, nats_url: str, database_
         try:
             js = nc.jetstream()
             await ensure_topology(js, cfg)
-            auditor = Auditor(js, Publisher(nc, js, cfg.subject_prefix), pool)
+            auditor = Auditor(js, Publisher(nc, js, cfg.subject_prefix), pool, metrics=metrics)
             found = await discovery.start(nc, discovery.Reporter("auditor", auditor.vitals), cfg.subject_prefix, stop)
             try:
                 async with asyncio.TaskGroup() as tg:
