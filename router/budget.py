@@ -14,15 +14,15 @@ from __future__ import annotations
 import datetime as dt
 import math
 import zoneinfo
-from collections.abc import Mapping
 from functools import lru_cache
 from typing import Literal
 
 import msgspec
 
-from schemas import Request, Target, Usage
+from schemas import BudgetLimits, Request, Target, Usage
 
-from .config import Budget, Config
+from .config import Config
+from .limits import AccountLimits, budget_limit
 from .models import model_info
 from .pricing import target_cost_usd
 
@@ -41,13 +41,6 @@ class Periods(msgspec.Struct, frozen=True, kw_only=True):
 
     def of(self, kind: PeriodKind) -> str:
         return self.day if kind == "day" else self.month
-
-
-class Override(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """An account's limits set by `switchyard budget set`; a field left None keeps the config's."""
-
-    daily_usd: float | None = None
-    monthly_usd: float | None = None
 
 
 class UnpricedTargets(ValueError):
@@ -73,19 +66,16 @@ def periods(at_ms: int, timezone: str) -> Periods:
     return Periods(day=f"d{local:%Y%m%d}", month=f"m{local:%Y%m}")
 
 
-def limits_for(cfg: Config, account: str, tier: str, overrides: Mapping[str, Override]) -> Budget:
-    """The budget a request meets: `budget set`'s override first (field by field), then the config's
-    `limits.accounts.<account>`, `limits.tiers.<tier>`, `limits.default`."""
-    lim = cfg.limits
-    base = (lim.accounts.get(account) or lim.tiers.get(tier) or lim.default).budget
-    own = overrides.get(account)
-    if own is None:
-        return base
-    return Budget(
-        daily_usd=base.daily_usd if own.daily_usd is None else own.daily_usd,
-        monthly_usd=base.monthly_usd if own.monthly_usd is None else own.monthly_usd,
-        alert_at=base.alert_at,
-    )
+def limits_for(cfg: Config, account: str, tier: str, own: AccountLimits | None = None) -> BudgetLimits | None:
+    """The budget a request meets (router/limits.py: the account table's row field by field, then the
+    config's `limits.accounts.<account>`, `limits.tiers.<tier>`, `limits.default`); None: no budget at all."""
+    return budget_limit(cfg.limits, account, tier, own)
+
+
+def cap(limits: BudgetLimits, kind: PeriodKind) -> int | None:
+    """A period's limit in micro-dollars; None when that period has no budget."""
+    amount = limits.daily_usd if kind == "day" else limits.monthly_usd
+    return None if amount is None else to_micros(amount)
 
 
 def to_micros(usd: float) -> int:

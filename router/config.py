@@ -71,9 +71,16 @@ class PoolConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     all its worker replicas (a minute's worth at once); over it, a work item waits. None: no limit."""
 
 
+UNLIMITED = "unlimited"
+Unlimited = Literal["unlimited"]
+"""The spelling of "no limit" for a rate or a budget amount (`per_second = "unlimited"`,
+`daily_usd = "unlimited"`); a limit nobody sets is never guessed from a zero."""
+
+
 class RateLimit(Struct, kw_only=True, forbid_unknown_fields=True):
-    per_second: Annotated[float, Meta(gt=0)] = 10
-    """Requests per second an account may send, on average."""
+    per_second: Annotated[float, Meta(gt=0)] | Unlimited = 10
+    """Requests per second an account may send, on average; `"unlimited"`: no request rate (with no
+    `tokens_per_minute` either, the dispatcher does not look at the rate state at all)."""
     burst: Annotated[int, Meta(ge=1)] = 50
     """Requests an idle account may send at once."""
     tokens_per_minute: Annotated[int, Meta(ge=1)] | None = None
@@ -81,8 +88,10 @@ class RateLimit(Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class Budget(Struct, kw_only=True, forbid_unknown_fields=True):
-    daily_usd: Annotated[float, Meta(ge=0)] = 100.0
-    monthly_usd: Annotated[float, Meta(ge=0)] = 1000.0
+    daily_usd: Annotated[float, Meta(ge=0)] | Unlimited = 100.0
+    """USD a day; `"unlimited"`: no daily budget."""
+    monthly_usd: Annotated[float, Meta(ge=0)] | Unlimited = 1000.0
+    """USD a month; `"unlimited"`: no monthly budget. With neither, nothing is reserved or counted."""
     alert_at: Annotated[float, Meta(gt=0, le=1)] = 0.8
 
 

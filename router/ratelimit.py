@@ -20,7 +20,8 @@ import math
 
 import msgspec
 
-from router.config import LimitsConfig, RateLimit
+from router.config import UNLIMITED, LimitsConfig, RateLimit
+from router.limits import AccountLimits, rate_limit
 from router.routing import needs
 from schemas import Request
 
@@ -54,10 +55,17 @@ class Decision(msgspec.Struct, frozen=True):
     """Set when no wait will do: the request alone is larger than the tokens per minute."""
 
 
-def limits_for(limits: LimitsConfig, account: str, tier: str) -> RateLimit:
-    """The rate limit of an account: `accounts.<name>`, else `tiers.<tier>`, else `default`."""
-    chosen = limits.accounts.get(account) or limits.tiers.get(tier) or limits.default
-    return chosen.rate
+def limits_for(
+    limits: LimitsConfig, account: str, tier: str, own: AccountLimits | None = None
+) -> RateLimit | None:
+    """The rate limit of an account (router/limits.py: its row in the account table, then the config's
+    `accounts.<name>`, else `tiers.<tier>`, else `default`); None when it has none at all."""
+    return rate_limit(limits, account, tier, own)
+
+
+def per_second(limit: RateLimit) -> float:
+    """The limit's requests per second as a number (`math.inf` for `"unlimited"`)."""
+    return math.inf if limit.per_second == UNLIMITED else float(limit.per_second)
 
 
 def estimated_tokens(req: Request) -> int:
@@ -71,7 +79,7 @@ def estimated_tokens(req: Request) -> int:
 def decide(state: RateState, limit: RateLimit, now_us: int, *, tokens: int = 0, wait_us: int = 0) -> Decision:
     """Whether one request (of `tokens` estimated tokens, counted only when the limit has
     `tokens_per_minute`) is admitted now, or booked for a moment within `wait_us` from now."""
-    req_t = US / limit.per_second
+    req_t = US / per_second(limit)
     at = _conforms_at(state.requests_us, now_us, 1, req_t, limit.burst)
     tpm = limit.tokens_per_minute
     tok_t = 60 * US / tpm if tpm else 0.0
@@ -96,7 +104,7 @@ def _conforms_at(tat: int, now: int, cost: int, interval: float, burst: int) -> 
 
 def describe(limit: RateLimit) -> str:
     """The limit in words, for a refusal's message."""
-    text = f"{limit.per_second:g} requests/s (burst {limit.burst})"
+    parts = [] if math.isinf(per_second(limit)) else [f"{per_second(limit):g} requests/s (burst {limit.burst})"]
     if limit.tokens_per_minute:
-        text += f" and {limit.tokens_per_minute:,} tokens/min"
-    return text
+        parts.append(f"{limit.tokens_per_minute:,} tokens/min")
+    return " and ".join(parts) or "no rate limit"

@@ -179,6 +179,15 @@ class Target(Struct, kw_only=True):
         return f"{self.pool}:{self.model}"
 
 
+class BudgetLimits(Struct, kw_only=True, frozen=True):
+    """The budget a request's reservation was checked against, carried to the worker that settles it so
+    that its alerts use the same limits. An amount of None: no budget for that period."""
+
+    daily_usd: float | None = None
+    monthly_usd: float | None = None
+    alert_at: float = 0.8
+
+
 class WorkItem(Struct, kw_only=True):
     """What the dispatcher hands to a pool on `llm.work.<pool>`.
 
@@ -194,6 +203,8 @@ class WorkItem(Struct, kw_only=True):
     reserved_usd: float = 0.0
     """What the dispatcher reserved against the account's budget; the worker that ends the request settles it
     (0: nothing reserved, nothing to settle)."""
+    budget: BudgetLimits | None = None
+    """The limits `reserved_usd` was checked against (None: the worker alerts against its config's)."""
 
 
 class CompletionEvent(Struct, kw_only=True):

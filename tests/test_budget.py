@@ -11,6 +11,7 @@ import pytest
 from router import budget
 from router import config as config_mod
 from router.config import Config
+from router.limits import AccountLimits
 from schemas import Request, Target
 
 
@@ -81,18 +82,24 @@ def test_an_unpriced_target_in_the_chain_is_named() -> None:
     assert "input_usd_per_mtok" in str(caught.value) and "free" in str(caught.value)
 
 
-def test_limits_accounts_then_tiers_then_default_and_overrides_first() -> None:
+def test_limits_accounts_then_tiers_then_default_and_the_account_table_first() -> None:
     cfg = _cfg(limits={
         "default": {"budget": {"daily_usd": 10, "monthly_usd": 100}},
         "tiers": {"pro": {"budget": {"daily_usd": 20, "monthly_usd": 200, "alert_at": 0.5}}},
         "accounts": {"big": {"budget": {"daily_usd": 30, "monthly_usd": 300}}},
     })
-    assert budget.limits_for(cfg, "acme", "default", {}).daily_usd == 10
-    assert budget.limits_for(cfg, "acme", "pro", {}).daily_usd == 20
-    assert budget.limits_for(cfg, "big", "pro", {}).daily_usd == 30
-    own = {"acme": budget.Override(daily_usd=1.5)}
-    got = budget.limits_for(cfg, "acme", "pro", own)
-    assert (got.daily_usd, got.monthly_usd, got.alert_at) == (1.5, 200, 0.5)
+
+    def daily(account: str, tier: str, own: AccountLimits | None = None) -> float | None:
+        got = budget.limits_for(cfg, account, tier, own)
+        assert got is not None
+        return got.daily_usd
+
+    assert daily("acme", "default") == 10
+    assert daily("acme", "pro") == 20
+    assert daily("big", "pro") == 30
+    got = budget.limits_for(cfg, "acme", "pro", AccountLimits(daily_usd=1.5))
+    assert got is not None and (got.daily_usd, got.monthly_usd, got.alert_at) == (1.5, 200, 0.5)
+    assert budget.cap(got, "day") == 1_500_000 and budget.cap(got, "month") == 200_000_000
 
 
 def test_refusal_message_names_period_limit_spend_and_reservation() -> None:

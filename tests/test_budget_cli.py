@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from schemas import Done, Error
 from .conftest import running_fleet
 from .helpers import ask_raw, request, switchyard
 from .test_budget_fleet import ANSWER, MAX_TOKENS, PROMPT, _config
+from .test_limits_fleet import account, limited_fleet, seen
+
+__all__ = ["account"]  # the fixture, shared with test_limits_fleet
 
 
 @pytest.fixture
@@ -34,50 +38,72 @@ def cli_env(nats_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> P
 
 
 async def test_status_set_and_reset(
-    capsys: pytest.CaptureFixture[str], cli_env: Path, nats_url: str, metered_fake: FakeOpenAI, nc: NATS
+    capsys: pytest.CaptureFixture[str], cli_env: Path, nats_url: str, pg_url: str, metered_fake: FakeOpenAI,
+    nc: NATS, account: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("DATABASE_URL", pg_url)
     cfg = _config(metered_fake, daily_usd=1.0)
     (cli_env / "config.json").write_bytes(config_mod.encode(cfg))  # what `switchyard up` would leave for the CLI
     where = ("--data-dir", str(cli_env))
-    async with running_fleet(nats_url, cfg, None, budgets=True):
-        [done] = await ask_raw(nc, request(PROMPT, max_tokens=MAX_TOKENS))
+    subj = f"llm.req.draft.{account}"
+    async with limited_fleet(nats_url, pg_url, cfg) as routes:
+        [done] = await ask_raw(nc, request(PROMPT, max_tokens=MAX_TOKENS, account=account), subject=subj)
         assert isinstance(done, Done) and done.cost_usd is not None
         await asyncio.sleep(0.2)  # the settlement goes out alongside the reply
 
-        got = await switchyard(capsys, "budget", "status", "--account", "acme", "--json", *where)
+        got = await switchyard(capsys, "budget", "status", "--account", account, "--json", *where)
         assert got.code == 0, got.err
         [row] = json.loads(got.out)
         day, month = row["periods"]
         assert (day["period"], month["period"]) == ("day", "month")
         assert day["spent_usd"] == pytest.approx(done.cost_usd, abs=1e-6) and day["reserved_usd"] == 0
         assert day["limit_usd"] == 1.0 and day["percent"] == pytest.approx(done.cost_usd * 100, abs=0.1)
-        assert month["limit_usd"] == 1000.0 and row["limit_source"] == "default"
+        assert month["limit_usd"] == 1000.0 and row["limit_source"] == "limits.default"
 
         table = await switchyard(capsys, "budget", "status", *where)
         assert table.code == 0
         assert table.out.splitlines()[0].split() == ["account", "period", "spent", "reserved", "limit", "used",
                                                      "limits", "from"]
-        assert "acme" in table.out and "$1.00" in table.out
+        assert account in table.out and "$1.00" in table.out
 
         # A limit below one request's reservation: refused at once by the dispatcher, no restart.
-        assert (await switchyard(capsys, "budget", "set", "--account", "acme", "--daily", "0.05", *where)).code == 0
-        await asyncio.sleep(0.5)
-        [refused] = await ask_raw(nc, request(PROMPT, max_tokens=MAX_TOKENS))
+        got = await switchyard(capsys, "budget", "set", "--account", account, "--daily", "0.05", *where)
+        assert got.code == 0, got.err
+        await seen(lambda: (own := routes.limits(account)) is not None and own.daily_usd == 0.05)
+        [refused] = await ask_raw(nc, request(PROMPT, max_tokens=MAX_TOKENS, account=account), subject=subj)
         assert isinstance(refused, Error) and refused.code == "BUDGET_EXCEEDED"
-        assert "daily budget of $0.05 for account acme" in refused.message
-        shown = json.loads((await switchyard(capsys, "budget", "status", "--account", "acme", "--json", *where)).out)
-        assert shown[0]["limit_source"] == "budget set" and shown[0]["periods"][0]["limit_usd"] == 0.05
+        assert f"daily budget of $0.05 for account {account}" in refused.message
+        shown = json.loads((await switchyard(capsys, "budget", "status", "--account", account, "--json",
+                                             *where)).out)
+        assert shown[0]["limit_source"] == "account table over limits.default"
+        assert shown[0]["periods"][0]["limit_usd"] == 0.05
 
-        assert (await switchyard(capsys, "budget", "set", "--account", "acme", "--daily", "5", *where)).code == 0
-        reset = await switchyard(capsys, "budget", "reset", "--account", "acme", "--period", "day", *where)
+        # `budget set` wrote the same row `accounts limits` shows and sets.
+        got = await switchyard(capsys, "accounts", "limits", "show", "--account", account, "--json", *where)
+        assert got.code == 0, got.err
+        [limits] = json.loads(got.out)
+        assert limits["own"]["daily_usd"] == 0.05 and limits["own"]["monthly_usd"] is None
+        assert limits["applies"]["monthly_usd"] == 1000.0
+
+        assert (await switchyard(capsys, "budget", "set", "--account", account, "--daily", "5", *where)).code == 0
+        reset = await switchyard(capsys, "budget", "reset", "--account", account, "--period", "day", *where)
         assert reset.code == 0 and "day" in reset.out
-        shown = await switchyard(capsys, "budget", "status", "--account", "acme", "--json", *where)
+        shown = await switchyard(capsys, "budget", "status", "--account", account, "--json", *where)
         after = json.loads(shown.out)[0]
         assert after["periods"][0]["spent_usd"] == 0 and after["periods"][0]["limit_usd"] == 5.0
         assert after["periods"][1]["spent_usd"] == pytest.approx(done.cost_usd, abs=1e-6)  # the month kept
-        await asyncio.sleep(0.5)
-        [again] = await ask_raw(nc, request(PROMPT, max_tokens=MAX_TOKENS))
+        await seen(lambda: (own := routes.limits(account)) is not None and own.daily_usd == 5.0)
+        [again] = await ask_raw(nc, request(PROMPT, max_tokens=MAX_TOKENS, account=account), subject=subj)
         assert isinstance(again, Done)
+
+        # No budget for the month: shown as such, and nothing refuses for it.
+        got = await switchyard(capsys, "budget", "set", "--account", account, "--monthly", "unlimited", *where)
+        assert got.code == 0, got.err
+        await seen(lambda: (own := routes.limits(account)) is not None and own.monthly_usd == math.inf)
+        shown = await switchyard(capsys, "budget", "status", "--account", account, "--json", *where)
+        assert json.loads(shown.out)[0]["periods"][1]["limit_usd"] is None
+        text = await switchyard(capsys, "budget", "status", "--account", account, *where)
+        assert "unlimited" in text.out
 
 
 async def test_set_needs_an_amount(capsys: pytest.CaptureFixture[str], cli_env: Path, nats_url: str, nc: NATS,

@@ -1,11 +1,14 @@
-"""Accounts' own routes, from PostgreSQL's `llm_account_routes` (workers/migrations/003).
+"""Accounts' own routes and limits, from PostgreSQL's `llm_account_routes` (workers/migrations/003)
+and `llm_account_limits` (workers/migrations/009).
 
 An account may have its own route for a use case, for one tier or for every tier (`*`); the
-dispatcher tries it before the config's route (router/routing.py). Each dispatcher keeps the
-active rows in memory (`AccountRoutes`) and follows the table:
+dispatcher tries it before the config's route (router/routing.py). An account may also have its own
+rate limit and budget, which win over the config's (router/limits.py). Each dispatcher keeps the
+active rows of both tables in memory (`AccountRoutes`) and follows them:
 
-- LISTEN on the channel `llm_account_routes`, which a trigger notifies at the commit of every
-  change: the whole table is read again (it holds a row per account and use case at most);
+- LISTEN on the channels `llm_account_routes` and `llm_account_limits`, which triggers notify at the
+  commit of every change: both tables are read again (a row per account and use case at most, and a
+  row per account);
 - a `SELECT 1` every second on that connection, so a connection that died without a word is
   noticed, replaced and the table read again;
 - a full read every 30 s whatever happens, as a safety net.
@@ -29,6 +32,7 @@ import msgspec
 import structlog
 
 from router.config import parse_target
+from router.limits import AccountLimits
 from router.routing import AccountRoute
 
 from .db import migrate
@@ -36,6 +40,7 @@ from .db import migrate
 log = structlog.get_logger("accounts")
 
 CHANNEL = "llm_account_routes"
+LIMITS_CHANNEL = "llm_account_limits"
 APPLICATION = "switchyard-account-routes"
 """The listening connection's application_name, as pg_stat_activity shows it."""
 ALL_TIERS = "*"
@@ -135,6 +140,55 @@ async def delete(conn: asyncpg.Connection, account: str, use_case: str, tier: st
     return status != "DELETE 0"
 
 
+LIMIT_FIELDS = tuple(AccountLimits.__struct_fields__)
+_LIMIT_COLUMNS = ", ".join(LIMIT_FIELDS)
+
+
+class LimitsRow(msgspec.Struct, kw_only=True):
+    """One row of `llm_account_limits`, as `switchyard accounts limits show --json` prints it (an amount of
+    null: the config's applies; "unlimited": no limit)."""
+
+    account: str
+    limits: AccountLimits
+    updated_at: datetime
+
+
+def _limits_row(record: Any) -> LimitsRow:
+    return LimitsRow(account=record["account"], updated_at=record["updated_at"],
+                     limits=AccountLimits(**{f: record[f] for f in LIMIT_FIELDS}))
+
+
+async def limit_rows(conn: asyncpg.Connection, account: str | None = None) -> list[LimitsRow]:
+    """Every account's own limits (or one account's), ordered by account."""
+    records = await conn.fetch(
+        f"SELECT account, {_LIMIT_COLUMNS}, updated_at FROM llm_account_limits"
+        " WHERE ($1::text IS NULL OR account = $1) ORDER BY account", account,
+    )
+    return [_limits_row(r) for r in records]
+
+
+async def put_limits(conn: asyncpg.Connection, account: str, given: AccountLimits) -> AccountLimits:
+    """Set the fields of an account's own limits that `given` sets (the others keep their value). Returns
+    the row as it is now."""
+    fields = [f for f in LIMIT_FIELDS if getattr(given, f) is not None]
+    values = [getattr(given, f) for f in fields]
+    columns = ", ".join(["account", *fields])
+    params = ", ".join(f"${i}" for i in range(1, len(fields) + 2))
+    updates = ", ".join(f"{f} = EXCLUDED.{f}" for f in fields) or "account = EXCLUDED.account"
+    record = await conn.fetchrow(
+        f"INSERT INTO llm_account_limits ({columns}) VALUES ({params})"
+        f" ON CONFLICT (account) DO UPDATE SET {updates} RETURNING account, {_LIMIT_COLUMNS}, updated_at",
+        account, *values,
+    )
+    return _limits_row(record).limits
+
+
+async def delete_limits(conn: asyncpg.Connection, account: str) -> bool:
+    """True when the account had its own limits."""
+    status: str = await conn.execute("DELETE FROM llm_account_limits WHERE account = $1", account)
+    return status != "DELETE 0"
+
+
 class AccountRoutes:
     """The active account routes, in memory, following the table (see the module's docstring)."""
 
@@ -143,6 +197,7 @@ class AccountRoutes:
         self.ping_s = ping_s
         self.reload_s = reload_s
         self._table: Table = {}
+        self._limits: dict[str, AccountLimits] = {}
         self._changed = asyncio.Event()
         self.loaded = asyncio.Event()
         """Set once the table was read the first time."""
@@ -150,6 +205,10 @@ class AccountRoutes:
     def lookup(self, account: str, use_case: str, tier: str) -> AccountRoute | None:
         """The route for a request of this account, use case and tier: its tier's, else `*`'s, else None."""
         return _pick(self._table.get((account, use_case)), tier)
+
+    def limits(self, account: str) -> AccountLimits | None:
+        """The account's own limits (its row of `llm_account_limits`), None when it has none."""
+        return self._limits.get(account)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Follow the table until `stop`; never raises but CancelledError."""
@@ -187,6 +246,7 @@ class AccountRoutes:
             self._changed.set()
 
         await conn.add_listener(CHANNEL, notified)
+        await conn.add_listener(LIMITS_CHANNEL, notified)
         await self._reload(conn, stop)
         last = time.monotonic()
         while not stop.is_set():
@@ -209,9 +269,11 @@ class AccountRoutes:
             self._changed.clear()  # a change committed from now on notifies again
         async with asyncio.timeout(QUERY_S):
             table = _table(await rows(conn, active_only=True))
-        if table != self._table or not self.loaded.is_set():
-            log.info("account_routes_loaded", routes=sum(len(t) for t in table.values()))
+            limits = {r.account: r.limits for r in await limit_rows(conn)}
+        if table != self._table or limits != self._limits or not self.loaded.is_set():
+            log.info("account_routes_loaded", routes=sum(len(t) for t in table.values()), limits=len(limits))
         self._table = table
+        self._limits = limits
         self.loaded.set()
 
     async def _wake_on(self, stop: asyncio.Event) -> None:

@@ -38,14 +38,16 @@ Crossing a budget's `alert_at` (and 100 %) with settled spend publishes one
 seen by one process only, and a `create` of `<account>.<period>.<pct>` in `llm_budget_alerts`
 keeps it to once even after a reset.
 
-Per-account limits set by `switchyard budget set` live in the KV bucket `llm_budget_limits`;
-every process follows it through a watch, so a change applies within milliseconds.
+Which budget applies is router/limits.py's: the account's row of PostgreSQL's `llm_account_limits`
+(followed by the dispatcher, workers/accounts.py), then the config. An account with no budget at all
+(both amounts `"unlimited"`) reserves nothing: no round trip, no counters. A period without a budget
+is still reserved and settled (so `budget status` shows its spend) but never refuses. The work item
+carries the limits the reservation was checked against, and the worker's alerts use them.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
 
 import msgspec
 import structlog
@@ -57,16 +59,16 @@ from nats.js.kv import KeyValue
 from router import budget as policy
 from router.config import Config
 from router.errors import ErrorCode, SwitchyardError
+from router.limits import AccountLimits
 from router.routing import Selection
 from schemas import Request, WorkItem
 
-from .health import _bucket, _Mirror
+from .health import _bucket
 from .publish import now_ms
 
 log = structlog.get_logger("budget")
 
 STREAM = "LLM_BUDGET"
-LIMITS_BUCKET = "llm_budget_limits"
 ALERTS_BUCKET = "llm_budget_alerts"
 DUPLICATE_WINDOW_S = 120.0
 _DAY_S = 86_400.0
@@ -103,7 +105,6 @@ class BudgetRefused(SwitchyardError):
         super().__init__(ErrorCode.BUDGET_EXCEEDED, message)
 
 
-_override_decoder = msgspec.json.Decoder(policy.Override)
 _KINDS: tuple[policy.PeriodKind, policy.PeriodKind] = ("day", "month")
 
 
@@ -113,38 +114,36 @@ class Budgets:
     def __init__(self, js: JetStreamContext, prefix: str) -> None:
         self.js = js
         self.prefix = prefix
-        self._limits: _Mirror[policy.Override] | None = None
         self._alerts: KeyValue | None = None
 
     @classmethod
     async def open(cls, js: JetStreamContext, prefix: str) -> Budgets:
-        """Started: its buckets exist and the accounts' own limits are loaded and followed."""
+        """Started: its buckets exist."""
         budgets = cls(js, prefix)
         await budgets.start()
         return budgets
 
     async def start(self) -> None:
-        """Create the buckets when missing and follow the accounts' own limits."""
-        self._limits = _Mirror(LIMITS_BUCKET, await _bucket(self.js, LIMITS_BUCKET), _override_decoder.decode)
-        await self._limits.start()
+        """Create the alerts bucket when missing."""
         self._alerts = await alerts_bucket(self.js)
 
     async def stop(self) -> None:
-        if self._limits is not None:
-            await self._limits.stop()
-
-    def overrides(self) -> Mapping[str, policy.Override]:
-        if self._limits is None:
-            return {}
-        return {k: v for k, (v, _) in self._limits.values.items()}
+        """Nothing to stop; kept so that a process ends what it opened."""
 
     async def _incr(self, subj: str, delta: int, msg_id: str) -> PubAck:
         return await self.js.publish(subj, b"", headers={_INCR: str(delta), "Nats-Msg-Id": msg_id})
 
-    async def reserve(self, cfg: Config, req: Request, selection: Selection, published_ms: int) -> float:
-        """Reserve `req`'s worst case in its account's day and month. Returns the reservation in USD (0: its
-        chain is free, nothing counted). Raises BudgetRefused when a period's limit would be passed (nothing
-        stays reserved) or the chain has a target without a price; NATS errors as nats-py raises them."""
+    async def reserve(
+        self, cfg: Config, req: Request, selection: Selection, published_ms: int, own: AccountLimits | None = None
+    ) -> float:
+        """Reserve `req`'s worst case in its account's day and month (`own`: the account's row of the account
+        table, over the config). Returns the reservation in USD (0: its chain is free, or its account has no
+        budget: nothing counted, no round trip). Raises BudgetRefused when a period's limit would be passed
+        (nothing stays reserved) or the chain has a target without a price; NATS errors as nats-py raises
+        them."""
+        limits = policy.limits_for(cfg, req.account, req.tier, own)
+        if limits is None:
+            return 0.0
         try:
             amount = policy.reservation(cfg, req, selection.chain, selection.prompt_tokens)
         except policy.UnpricedTargets as exc:
@@ -152,8 +151,7 @@ class Budgets:
         if amount == 0:
             return 0.0
         per = policy.periods(published_ms, cfg.limits.timezone)
-        limits = policy.limits_for(cfg, req.account, req.tier, self.overrides())
-        caps = {"day": policy.to_micros(limits.daily_usd), "month": policy.to_micros(limits.monthly_usd)}
+        caps = {k: policy.cap(limits, k) for k in _KINDS}
         keys = {k: per.of(k) for k in _KINDS}
         used = {k: subject(self.prefix, req.account, keys[k], "used") for k in _KINDS}
         acks = await asyncio.gather(*(
@@ -166,13 +164,13 @@ class Budgets:
                 held[k], totals[k] = await self._stored(ack)
             else:
                 totals[k] = int(ack.val or 0)
-        over = [k for k in _KINDS if totals[k] > caps[k]]
+        over = [(k, c) for k in _KINDS if (c := caps[k]) is not None and totals[k] > c]
         if over:
             await asyncio.gather(*(
                 self._incr(used[k], -held[k], f"rel:{req.account}:{req.id}:{keys[k]}") for k in _KINDS
             ))
-            k = over[0]
-            raise BudgetRefused(policy.over_limit_message(req.account, k, caps[k], totals[k] - held[k], held[k]))
+            k, c = over[0]
+            raise BudgetRefused(policy.over_limit_message(req.account, k, c, totals[k] - held[k], held[k]))
         first = held["day"]
         if held["month"] != first:  # a redelivery that reserved one period afresh: align it with the other
             await self._incr(used["month"], first - held["month"], f"fix:{req.account}:{req.id}:{keys['month']}")
@@ -221,24 +219,28 @@ class Budgets:
                 ]
             acks = await asyncio.gather(*steps)
             if cost:
-                await self._alert(cfg, req, per, cost, acks[2:])
+                await self._alert(cfg, work, per, cost, acks[2:])
         except Exception as exc:
             log.warning("budget_settle_failed", request_id=req.id, account=req.account, error=repr(exc),
                         effect="the reservation stays counted until the period ends or `budget reset`")
 
     async def _alert(
-        self, cfg: Config, req: Request, per: policy.Periods, cost: int, spent_acks: list[PubAck]
+        self, cfg: Config, work: WorkItem, per: policy.Periods, cost: int, spent_acks: list[PubAck]
     ) -> None:
-        limits = policy.limits_for(cfg, req.account, req.tier, self.overrides())
-        caps = {"day": policy.to_micros(limits.daily_usd), "month": policy.to_micros(limits.monthly_usd)}
+        req = work.request
+        # The limits the reservation was checked against; an item from an older dispatcher has none.
+        limits = work.budget or policy.limits_for(cfg, req.account, req.tier)
+        if limits is None:
+            return
         for k, ack in zip(_KINDS, spent_acks, strict=True):
-            if ack.duplicate or ack.val is None:
+            cap = policy.cap(limits, k)
+            if ack.duplicate or ack.val is None or cap is None:
                 continue
             after = int(ack.val)
-            for pct in policy.crossed(after - cost, after, caps[k], limits.alert_at):
+            for pct in policy.crossed(after - cost, after, cap, limits.alert_at):
                 await self._raise_alert(BudgetAlert(
                     account=req.account, period=k, period_key=per.of(k), threshold_pct=pct,
-                    limit_usd=policy.usd(caps[k]), spent_usd=policy.usd(after), request_id=req.id, at_ms=now_ms(),
+                    limit_usd=policy.usd(cap), spent_usd=policy.usd(after), request_id=req.id, at_ms=now_ms(),
                 ))
 
     async def _raise_alert(self, alert: BudgetAlert) -> None:
@@ -256,10 +258,6 @@ class Budgets:
 
 async def alerts_bucket(js: JetStreamContext) -> KeyValue:
     return await _bucket(js, ALERTS_BUCKET, ttl_s=MAX_AGE_S)
-
-
-async def limits_bucket(js: JetStreamContext) -> KeyValue:
-    return await _bucket(js, LIMITS_BUCKET)
 
 
 async def counter(js: JetStreamContext, subj: str) -> int:

@@ -25,6 +25,7 @@ from schemas import (
 )
 from schemas.limits import id_problem
 
+from . import limits
 from .accounts import AccountRoutes
 from .budget import BudgetRefused, Budgets
 from .metrics import DispatcherMetrics
@@ -165,18 +166,19 @@ class Dispatcher:
             if self.tracing.on:
                 self._traced(req)
             _check_deadline(req, published_ms)
-            if self.rates is not None:
-                held_ms = await self.rates.admit(req, msg, published_ms, self.cfg.limits)  # raises RateLimited
-                if held_ms is not None:  # waits for its booked turn in the stream (queue_ms), not in a slot here
-                    self.tracing.current().set_attribute("switchyard.held_ms", held_ms)
-                    await msg.nak(delay=held_ms / 1000)
-                    return
             selection = self.select(req)
-            # Raises BudgetRefused; a redelivery finds its own reservation rather than adding another.
-            reserved = await self.budgets.reserve(self.cfg, req, selection, published_ms) if self.budgets else 0.0
+            own = self.accounts.limits(req.account) if self.accounts is not None else None
+            # Rate and budget in one round trip (workers/limits.py); raises RateLimited or BudgetRefused.
+            # A redelivery finds its own reservation rather than adding another.
+            admitted = await limits.admit(self.rates, self.budgets, self.cfg, req, msg, published_ms, selection, own)
+            if isinstance(admitted, limits.Held):  # waits for its booked turn in the stream (queue_ms), not here
+                self.tracing.current().set_attribute("switchyard.held_ms", admitted.ms)
+                await msg.nak(delay=admitted.ms / 1000)
+                return
+            reserved = admitted.reserved_usd
             route = selection.chain
             work = encode(WorkItem(request=req, route=route, attempts=selection.attempts(), accepted_ms=published_ms,
-                                   reserved_usd=reserved))
+                                   reserved_usd=reserved, budget=admitted.budget if reserved else None))
             headers = {"Nats-Msg-Id": f"{req.account}:{req.id}"}
             self.tracing.inject(headers, msg.headers)  # the worker's attempt spans are children of this one
             if self.tracing.on:

@@ -35,6 +35,7 @@ from nats.js.kv import KeyValue
 from router import ratelimit
 from router.config import LimitsConfig, PoolConfig, RateLimit
 from router.errors import ErrorCode, SwitchyardError
+from router.limits import AccountLimits
 from router.ratelimit import RateState
 from schemas import Request
 
@@ -127,14 +128,21 @@ class RateLimiter:
             )
         return cls(js, kv)
 
-    async def admit(self, req: Request, msg: Msg, published_ms: int, limits: LimitsConfig) -> int | None:
+    async def admit(
+        self, req: Request, msg: Msg, published_ms: int, limits: LimitsConfig, own: AccountLimits | None = None
+    ) -> int | None:
         """None when `req` may go on now; the milliseconds to hold it for when it waits for its booked
-        turn (the caller naks it with that delay; it is admitted when it comes back).
+        turn (the caller naks it with that delay; it is admitted when it comes back). `own` is the account's
+        row of the account table, over the config's `limits`; an account with no rate limit at all is let
+        through without touching the shared state.
 
         Raises RateLimited when the limit does not admit it within its `queue_ms` (counted from its
         publish, and never past its deadline). Raises what NATS raises when the bucket cannot be used:
         the request is then delivered again by the pull loop, never let through unchecked.
         """
+        limit = ratelimit.limits_for(limits, req.account, req.tier, own)
+        if limit is None:
+            return None
         now = now_us()
         seq = msg.metadata.sequence.stream
         hold: Hold | None = None
@@ -144,7 +152,6 @@ class RateLimiter:
                 if hold.at_us - now <= EARLY_US:
                     return None  # its turn, booked when it was first held
                 return await self._hold(seq, hold.holds + 1, hold.at_us, req, published_ms, now)
-        limit = ratelimit.limits_for(limits, req.account, req.tier)
         tokens = ratelimit.estimated_tokens(req) if limit.tokens_per_minute else 0
         wait_us = 0
         if req.queue_ms and self._holding(now) < MAX_HOLDS:

@@ -1,4 +1,5 @@
-"""`switchyard accounts route set|list|delete`: accounts' own routes, in PostgreSQL.
+"""`switchyard accounts route set|list|delete`: accounts' own routes, in PostgreSQL (and
+`switchyard accounts limits set|show|delete`, their own rate limits and budgets: account_limits.py).
 
 A route set here is used by every dispatcher within about two seconds (workers/accounts.py) for
 the account's requests of that use case, and that tier (or every tier: `*`, the default), before
@@ -27,6 +28,7 @@ from router.models import model_info
 
 from .. import accounts as store
 from ..db import migrate
+from . import account_limits
 from .fleet import OK, REFUSED, NoFleet, say
 from .preflight import database_problem
 
@@ -51,7 +53,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     checked = argparse.ArgumentParser(add_help=False)
     checked.add_argument("--config", help="check targets against this routing config (default: the fleet's"
                                           " config.json, else the shipped example)")
-    accounts = sub.add_parser("accounts", help="accounts' own routes, in PostgreSQL")
+    accounts = sub.add_parser("accounts", help="accounts' own routes and limits, in PostgreSQL")
     nouns = accounts.add_subparsers(dest="noun", required=True)
     route = nouns.add_parser("route", help="set, list or delete an account's own route for a use case")
     actions = route.add_subparsers(dest="action", required=True)
@@ -70,6 +72,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rm.add_argument("account", type=name)
     rm.add_argument("--use-case", required=True, type=name)
     rm.add_argument("--tier", type=tier_name, default=store.ALL_TIERS, help="one tier (default: *)")
+    account_limits.register(nouns, where, checked)
     accounts.set_defaults(run=accounts_command)
 
 
@@ -124,6 +127,8 @@ def _tiers(tier: str) -> str:
 
 async def accounts_command(args: argparse.Namespace) -> int:
     """Raises NoFleet when the database is not there or cannot be reached."""
+    if args.noun == "limits":
+        return await account_limits.command(args)
     match args.action:
         case "set":
             return await _set(args)

@@ -1,8 +1,9 @@
 """`switchyard budget status|set|reset`: each account's spend against its daily and monthly budgets.
 
 Spend and reservations are the fleet's counters in `LLM_BUDGET` (workers/budget.py); limits are
-the config the fleet runs, with the accounts' own limits from `budget set` (the KV bucket
-`llm_budget_limits`, which every dispatcher follows within milliseconds) taking precedence.
+the config the fleet runs, with the accounts' own limits in PostgreSQL's `llm_account_limits`
+taking precedence (router/limits.py). `budget set` writes the budget fields of that row, the same
+row `switchyard accounts limits set` writes; every dispatcher follows it within about two seconds.
 """
 
 from __future__ import annotations
@@ -12,15 +13,20 @@ from pathlib import Path
 
 import msgspec
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError
+from nats.js.errors import NotFoundError
 
 from router import budget as policy
 from router.config import Config, ConfigError
+from router.limits import AccountLimits
+from router.limits import source as limits_source
+from schemas import BudgetLimits
 
+from .. import accounts as store
 from .. import configstore
-from ..budget import STREAM, alerts_bucket, counter, limits_bucket, subject
+from ..budget import STREAM, alerts_bucket, counter, subject
 from ..publish import now_ms
-from .accounts import routing_config
+from . import account_limits
+from .accounts import database, database_url, name, routing_config
 from .fleet import OK, REFUSED, connected, fleet_prefix, say
 
 _PERIODS: tuple[policy.PeriodKind, policy.PeriodKind] = ("day", "month")
@@ -33,15 +39,17 @@ class PeriodSpend(msgspec.Struct, kw_only=True):
     """Which one: `d20261130`, `m202611`."""
     spent_usd: float
     reserved_usd: float
-    limit_usd: float
+    limit_usd: float | None
+    """None: no budget for this period (`unlimited`)."""
     percent: float | None
-    """(spent + reserved) / limit × 100; None for a zero limit."""
+    """(spent + reserved) / limit × 100; None for a zero limit or none."""
 
 
 class AccountSpend(msgspec.Struct, kw_only=True):
     account: str
     limit_source: str
-    """`budget set`, `config` (limits.accounts), or `default` (a tier's own limits apply per request)."""
+    """Where the limits come from: `limits.default`, `limits.accounts.<a>`, or `account table over ...`
+    (shown for tier `default`: a tier's own limits apply per request)."""
     periods: list[PeriodSpend]
 
 
@@ -54,24 +62,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     status = actions.add_parser("status", parents=[where], help="spent, reserved, limit and % for day and month")
     status.add_argument("--account", help="one account (default: every account with spend or its own limits)")
     status.add_argument("--json", action="store_true", help="a JSON array instead of a table")
-    put = actions.add_parser("set", parents=[where], help="an account's own daily and/or monthly limit")
-    put.add_argument("--account", required=True)
-    put.add_argument("--daily", type=_usd, help="USD per day")
-    put.add_argument("--monthly", type=_usd, help="USD per month")
+    put = actions.add_parser("set", parents=[where], help="an account's own daily and/or monthly limit (the budget"
+                             " part of `switchyard accounts limits set`)")
+    put.add_argument("--account", required=True, type=name)
+    account_limits.add_amounts(put)
     reset = actions.add_parser("reset", parents=[where], help="forget an account's spend of this day or month")
     reset.add_argument("--account", required=True)
     reset.add_argument("--period", choices=["day", "month"], help="default: both")
     b.set_defaults(run=budget_command)
-
-
-def _usd(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an amount in USD") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r}: a budget is a finite amount of at least 0")
-    return value
 
 
 async def budget_command(args: argparse.Namespace) -> int:
@@ -85,10 +83,15 @@ async def budget_command(args: argparse.Namespace) -> int:
             say(str(exc))
             return REFUSED
         if args.action == "set":
-            return await _set(js, args.account, args.daily, args.monthly)
+            amounts = account_limits.given(args)
+            if amounts.is_empty():
+                say("budget set: give --daily and/or --monthly (USD, or `unlimited`), or --alert-at")
+                return REFUSED
+            return await account_limits.set_limits(args, amounts, cfg.limits, "the fleet's")
+        table = await _table(args.data_dir)
         if args.action == "reset":
-            return await _reset(js, prefix, cfg, args.account, args.period)
-        rows = await status(js, prefix, cfg, args.account)
+            return await _reset(js, prefix, cfg, args.account, args.period, table)
+        rows = await status(js, prefix, cfg, args.account, table)
     if args.json:
         print(msgspec.json.encode(rows).decode())
     else:
@@ -104,44 +107,18 @@ async def _config(js: JetStreamContext, path: str | None, data_dir: Path | None)
     return routing_config(path, data_dir)[0]
 
 
-async def _overrides(js: JetStreamContext) -> dict[str, policy.Override]:
-    kv = await limits_bucket(js)
-    out: dict[str, policy.Override] = {}
-    try:
-        keys = await kv.keys()
-    except NoKeysError:
-        return out
-    for key in keys:
-        try:
-            entry = await kv.get(key)
-        except KeyNotFoundError:
-            continue
-        if entry.value:
-            out[key] = msgspec.json.decode(entry.value, type=policy.Override)
-    return out
+async def _table(data_dir: Path | None) -> dict[str, AccountLimits]:
+    """The accounts' own limits; none when the fleet has no database (its limits are then the config's).
+    Raises NoFleet when there is a database and it cannot be reached."""
+    if database_url(data_dir) is None:
+        return {}
+    async with database(data_dir) as conn:
+        return {r.account: r.limits for r in await store.limit_rows(conn)}
 
 
-async def _set(js: JetStreamContext, account: str, daily: float | None, monthly: float | None) -> int:
-    if daily is None and monthly is None:
-        say("budget set: give --daily and/or --monthly (USD)")
-        return REFUSED
-    kv = await limits_bucket(js)
-    own = (await _overrides(js)).get(account, policy.Override())
-    own = policy.Override(daily_usd=own.daily_usd if daily is None else daily,
-                          monthly_usd=own.monthly_usd if monthly is None else monthly)
-    try:
-        await kv.put(account, msgspec.json.encode(own))
-    except Exception as exc:  # nats-py's InvalidKeyError for a name KV cannot hold
-        say(f"budget set: cannot store limits for account {account!r}: {type(exc).__name__}")
-        return REFUSED
-    parts = [f"daily ${own.daily_usd:.2f}" if own.daily_usd is not None else "",
-             f"monthly ${own.monthly_usd:.2f}" if own.monthly_usd is not None else ""]
-    print(f"budget of account {account}: {', '.join(p for p in parts if p)}; every dispatcher applies it within"
-          " a second")
-    return OK
-
-
-async def _reset(js: JetStreamContext, prefix: str, cfg: Config, account: str, period: str | None) -> int:
+async def _reset(
+    js: JetStreamContext, prefix: str, cfg: Config, account: str, period: str | None, own: dict[str, AccountLimits]
+) -> int:
     """Take the account's settled spend of the current day and/or month back to 0. Reservations of requests in
     flight stay (they settle as usual), and the period's alerts may fire again."""
     per = policy.periods(now_ms(), cfg.limits.timezone)
@@ -153,7 +130,7 @@ async def _reset(js: JetStreamContext, prefix: str, cfg: Config, account: str, p
         if spent:
             for kind in ("used", "spent"):
                 await js.publish(subject(prefix, account, key, kind), b"", headers={"Nats-Incr": str(-spent)})
-        for pct in _thresholds(cfg):
+        for pct in _thresholds(cfg, own):
             try:
                 await alerts.delete(f"{account}.{key}.{pct}")
             except Exception:  # nats-py raises when there is nothing to delete
@@ -162,16 +139,18 @@ async def _reset(js: JetStreamContext, prefix: str, cfg: Config, account: str, p
     return OK
 
 
-def _thresholds(cfg: Config) -> set[int]:
+def _thresholds(cfg: Config, own: dict[str, AccountLimits]) -> set[int]:
     lim = cfg.limits
-    every = [lim.default, *lim.tiers.values(), *lim.accounts.values()]
-    return {round(x.budget.alert_at * 100) for x in every} | {100}
+    every = [x.budget.alert_at for x in (lim.default, *lim.tiers.values(), *lim.accounts.values())]
+    every += [o.alert_at for o in own.values() if o.alert_at is not None]
+    return {round(a * 100) for a in every} | {100}
 
 
-async def status(js: JetStreamContext, prefix: str, cfg: Config, account: str | None) -> list[AccountSpend]:
+async def status(
+    js: JetStreamContext, prefix: str, cfg: Config, account: str | None, overrides: dict[str, AccountLimits]
+) -> list[AccountSpend]:
     """Each account's spend in the current day and month (one account, or every one with spend or own limits)."""
     per = policy.periods(now_ms(), cfg.limits.timezone)
-    overrides = await _overrides(js)
     if account is not None:
         accounts = [account]
     else:
@@ -183,8 +162,9 @@ async def status(js: JetStreamContext, prefix: str, cfg: Config, account: str | 
         accounts = sorted(seen | set(overrides) | set(cfg.limits.accounts))
     rows: list[AccountSpend] = []
     for acct in accounts:
-        lim = policy.limits_for(cfg, acct, "default", overrides)
-        source = "budget set" if acct in overrides else "config" if acct in cfg.limits.accounts else "default"
+        own = overrides.get(acct)
+        lim = policy.limits_for(cfg, acct, "default", own) or BudgetLimits(daily_usd=None, monthly_usd=None)
+        source = limits_source(cfg.limits, acct, "default", own)
         periods: list[PeriodSpend] = []
         for k in _PERIODS:
             key = per.of(k)
@@ -206,7 +186,8 @@ def _print(rows: list[AccountSpend]) -> None:
     for r in rows:
         for p in r.periods:
             table.append((r.account, f"{p.period} {p.key[1:]}", f"${p.spent_usd:,.4f}", f"${p.reserved_usd:,.4f}",
-                          f"${p.limit_usd:,.2f}", "-" if p.percent is None else f"{p.percent:.1f}%", r.limit_source))
+                          "unlimited" if p.limit_usd is None else f"${p.limit_usd:,.2f}",
+                          "-" if p.percent is None else f"{p.percent:.1f}%", r.limit_source))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         cells = [c.rjust(w) if 2 <= i <= 5 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
