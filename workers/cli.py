@@ -13,6 +13,7 @@ from . import metrics, processes
 from .commands import accounts, ask, budget, dlq, explain, fleet, providers, report, reprice, status
 from .commands import breaker as breaker_noun
 from .commands import config as config_noun
+from .commands import health as health_noun
 from .commands.preflight import database_problem
 from .runtime import configure_logging, run
 
@@ -40,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     for noun in (ask, status, dlq, config_noun, accounts, explain, providers, budget, report, reprice):
         noun.register(sub)
     breaker_noun.register(sub)
+    health_noun.register(sub)
     return p
 
 

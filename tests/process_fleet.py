@@ -1,0 +1,129 @@
+"""A fleet run as production runs it (workers/processes.py: `run_dispatcher`, `run_worker`, `run_auditor`), in
+this process: each role on its own connections with its own stop event, so a test can stop one and start it
+again. For the tests of discovery and status, which look at what those functions register.
+
+Module-scoped helpers: one nats-server and one fleet per test module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from nats.aio.client import Client as NATS
+
+from router.config import Config
+from router.vitals import ProcessStats, Role
+from workers import discovery, processes
+
+from .conftest import free_port, nats_server_binary, wait_port
+
+
+@contextlib.contextmanager
+def nats_server(store: Path) -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port)
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+class Proc:
+    def __init__(self, name: str, task: asyncio.Task[None], stop: asyncio.Event) -> None:
+        self.name = name
+        self.task = task
+        self.stop = stop
+
+
+class ProcessFleet:
+    """Start and stop the fleet's processes one by one; `close()` stops whatever still runs."""
+
+    def __init__(self, nats_url: str, pg_url: str, cfg: Config) -> None:
+        self.nats_url = nats_url
+        self.pg_url = pg_url
+        self.cfg = cfg
+        self.procs: list[Proc] = []
+
+    async def prepare(self) -> None:
+        """Streams, the pushed config, the tables: as `switchyard up` does before the processes."""
+        await processes.prepare(self.nats_url, self.pg_url, self.cfg)
+
+    def _start(self, name: str, run: object) -> Proc:
+        stop = asyncio.Event()
+        assert callable(run)
+        proc = Proc(name, asyncio.create_task(run(stop)), stop)
+        self.procs.append(proc)
+        return proc
+
+    def dispatcher(self) -> Proc:
+        return self._start("dispatcher", lambda stop: processes.run_dispatcher(stop, self.cfg, self.nats_url))
+
+    def worker(self, pool: str) -> Proc:
+        return self._start(f"worker {pool}", lambda stop: processes.run_worker(stop, self.cfg, self.nats_url, pool))
+
+    def auditor(self) -> Proc:
+        return self._start("auditor",
+                           lambda stop: processes.run_auditor(stop, self.cfg, self.nats_url, self.pg_url))
+
+    async def stop(self, proc: Proc) -> None:
+        proc.stop.set()
+        await asyncio.wait_for(proc.task, 30)
+        self.procs.remove(proc)
+
+    async def close(self) -> None:
+        for proc in list(self.procs):
+            proc.stop.set()
+        for proc in list(self.procs):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(proc.task, 30)
+        self.procs.clear()
+
+    def check(self) -> None:
+        """Fail the test when a process ended on its own (its error, rather than a later timeout)."""
+        for proc in self.procs:
+            if proc.task.done():
+                proc.task.result()
+                raise AssertionError(f"{proc.name} ended without being stopped")
+
+
+async def live(
+    nc: NATS, role: Role, count: int, *, pool: str | None = None, fleet: ProcessFleet | None = None,
+    timeout: float = 60.0, checked: bool = False,
+) -> list[ProcessStats]:
+    """Wait until exactly `count` processes of `role` (of `pool`) answer `$SRV.STATS` (with their provider
+    checked, when `checked`), and return their stats."""
+
+    def wanted(p: ProcessStats) -> bool:
+        return (pool is None or p.pool == pool) and (not checked or p.provider_health is not None)
+
+    end = asyncio.get_running_loop().time() + timeout
+    while True:
+        if fleet is not None:
+            fleet.check()
+        found = await _gather(nc, role, count, wanted)
+        if len(found) == count:
+            return found
+        if asyncio.get_running_loop().time() > end:
+            raise AssertionError(f"{len(found)} {role} processes answer as wanted, not {count}: {found}")
+        await asyncio.sleep(0.2)
+
+
+async def _gather(nc: NATS, role: Role, count: int, wanted: Callable[[ProcessStats], bool]) -> list[ProcessStats]:
+    """The wanted answers: as soon as `count` came (0: all that come in half a second)."""
+    seen: list[ProcessStats] = []
+
+    def enough(p: ProcessStats) -> bool:
+        if wanted(p):
+            seen.append(p)
+        return 0 < count <= len(seen)
+
+    return [p for p in await discovery.gather(nc, role, 0.5, enough=enough) if wanted(p)]
