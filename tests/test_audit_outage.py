@@ -190,6 +190,7 @@ async def test_postgresql_unreachable_while_requests_flow(
         async with running_fleet(nats_url, fleet_config({"openai": fake_openai.url + "/v1"}), ledger):
             await ask(10)
             await wait_rows(db, 10)
+            await settled(js)
 
             proxy.cut()  # PostgreSQL is gone for the auditor: its connections dropped, new ones hung up on
             for _ in range(8):  # requests keep flowing for about ten seconds, and are answered meanwhile
@@ -262,6 +263,7 @@ async def test_an_auditor_killed_mid_batch_loses_nothing_and_writes_nothing_twic
     proc = spawn_auditor(config, tmp_path / "auditor.log", nats_url, with_app(pg_url, app))
     try:
         await wait_rows(db, 100)  # it writes
+        await settled(js)  # and has acked what it wrote
         async with db.acquire() as locker, locker.transaction():
             await locker.execute("LOCK TABLE llm_audit IN SHARE MODE")  # inserts now wait for this lock
             for rid in batch:
