@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+Sample = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def _scrape(url: str, until: Sample | None = None, timeout: float = 30) -> dict[Sample, float]:
+    """A process's /metrics as {(sample, labels): value}, once it answers (a child may still be starting) and
+    has the sample `until` (the process counts a request just after its reply went out)."""
+    end = time.monotonic() + timeout
+    while True:
+        samples: dict[Sample, float] = {}
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=5) as r:
+            samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                       for f in text_string_to_metric_families(r.read().decode()) for s in f.samples}
+        if (samples and (until is None or until in samples)) or time.monotonic() > end:
+            return samples
+        time.sleep(0.2)
 
 
 def _clean_env(data_dir: Path) -> dict[str, str]:
@@ -105,6 +125,16 @@ def test_up_uses_the_servers_named_by_nats_url_and_database_url(tmp_path: Path, 
         )
         assert ask.returncode == 0, ask.stderr
         assert "provider: demo" in ask.stderr
+        # Each process's metrics URL, printed beside the NATS and PostgreSQL ones, serves what it counted.
+        urls = dict(re.findall(r"metrics:\s+(http://127\.0\.0\.1:\d+/metrics)\s+(\S.*)$", "".join(lines), re.M))
+        assert sorted(urls.values()) == ["auditor", "dispatcher", "worker demo"], lines
+        by_url = {role: url for url, role in urls.items()}
+        ok = ("switchyard_requests_total", (("code", "OK"), ("model", "switchyard-demo"), ("pool", "demo"),
+                                            ("provider", "demo"), ("use_case", "draft")))
+        assert _scrape(by_url["worker demo"], until=ok)[ok] == 1
+        handed = ("switchyard_dispatched_total", (("pool", "demo"), ("use_case", "draft")))
+        assert _scrape(by_url["dispatcher"], until=handed)[handed] == 1
+        assert any(name == "switchyard_audit_lag_seconds" for name, _ in _scrape(by_url["auditor"]))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
         time.sleep(0.3)

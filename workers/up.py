@@ -116,6 +116,8 @@ class _Child:
         self.policy = RestartPolicy()
         self.proc: subprocess.Popen[bytes] | None = None
         self.restart_at: float | None = None
+        self.metrics_url: str | None = None
+        """Where a fleet process serves its metrics (`_serve_metrics`)."""
 
     def start(self, now: float) -> subprocess.Popen[bytes]:
         self.proc = _spawn(self.args, self.env)
@@ -175,6 +177,14 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _serve_metrics(child: _Child) -> _Child:
+    """Have a fleet process serve its metrics on a free port of this machine, the same across its restarts."""
+    port = _free_port()
+    child.args += ["--metrics-port", str(port), "--metrics-host", "127.0.0.1"]
+    child.metrics_url = f"http://127.0.0.1:{port}/metrics"
+    return child
 
 
 def _nats_binary() -> str:
@@ -316,6 +326,7 @@ async def up(stop: asyncio.Event, *, config_path: str | None, data_dir: Path, na
         services += [worker(pool) for pool in cfg.pools]
         services.append(_Child("auditor", [*me, "auditor", "--config", str(effective)], env))
         for child in services:
+            _serve_metrics(child)
             children.append(child)
             child.start(time.monotonic())
         (data_dir / STATE_FILE).write_bytes(
@@ -325,6 +336,8 @@ async def up(stop: asyncio.Event, *, config_path: str | None, data_dir: Path, na
         # A DATABASE_URL's password stays out of the output; the embedded server's URL has none.
         say(f"PostgreSQL: {redact_url(database_url) if urlsplit(database_url).password else database_url}")
         say(f"pools:      {', '.join(cfg.pools)}; use cases: {', '.join(cfg.routes)}")
+        for child in services:
+            say(f"metrics:    {child.metrics_url}  {child.name}")
         say('ready. Try: switchyard ask "Write a haiku about queues" --stream   (Ctrl-C stops the fleet)')
         async with asyncio.TaskGroup() as tg:
             tg.create_task(_follow_pools(nats_url, cfg, children, worker, stop))
@@ -355,10 +368,11 @@ async def _follow_pools(
         for pool in new.pools:
             if pool not in started:
                 started.add(pool)
-                child = worker(pool)
+                child = _serve_metrics(worker(pool))
                 children.append(child)
                 child.start(time.monotonic())
                 say(f"pool {pool} added by a config push: its worker is started")
+                say(f"metrics:    {child.metrics_url}  {child.name}")
 
     try:
         nc = await connect(nats_url, "switchyard-up", stop)
