@@ -23,6 +23,7 @@ row, and the RSS of each process is read before everything is stopped with SIGTE
 
     .venv/bin/python bench/bench_fleet.py [--duration 5] [--warmup 1] [--concurrency 1,16,64]
         [--modes whole,stream] [--chunks 5] [--workers 1] [--provider-ttft-ms 0] [--provider-chunk-ms 0]
+        [--limits on|off]
 
 The markdown tables go to stdout, progress to stderr. Exit status 1 on any error, a missing or extra
 audit row, or an audit lag over 60 s. Everything is stopped on the way out, on failure, Ctrl-C or
@@ -256,11 +257,20 @@ class Processes:
             return 0
 
 
-def fleet_config(base_url: str) -> Config:
+LIMITS = {
+    # No rate and no budget: the dispatcher makes no round trip for them.
+    "off": {"rate": {"per_second": "unlimited"}, "budget": {"daily_usd": "unlimited", "monthly_usd": "unlimited"}},
+    # Both checked on every request, with limits that admit everything the bench sends.
+    "on": {"rate": {"per_second": 1e6, "burst": 1_000_000}, "budget": {"daily_usd": 1e9, "monthly_usd": 1e9}},
+}
+
+
+def fleet_config(base_url: str, limits: str = "on") -> Config:
     return config_mod.from_mapping({
         "providers": {POOL: {"format": "openai", "base_url": base_url, "free": False, "genai_prices_id": "openai"}},
         "pools": {POOL: {"provider": POOL, "concurrency": POOL_CONCURRENCY}},
         "routes": {USE_CASE: {"default": [f"{POOL}:{MODEL}"]}},
+        "limits": {"default": LIMITS[limits]},
     })
 
 
@@ -637,6 +647,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="worker processes for the pool (default 1)")
     p.add_argument("--provider-ttft-ms", type=int, default=0, help="fake provider's delay to the first byte")
     p.add_argument("--provider-chunk-ms", type=int, default=0, help="fake provider's delay between chunks")
+    p.add_argument("--limits", choices=sorted(LIMITS), default="on",
+                   help="the account's rate limit and budget: on (checked, admitting everything) or off"
+                        " (`unlimited`: not checked at all); default on")
     p.add_argument("--serve-fake", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve_fake is not None:
@@ -668,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
         nats_url = procs.start_nats()
         database_url = procs.start_postgres()
         fake_url = procs.start_fake(args)
-        cfg = fleet_config(fake_url + "/v1")
+        cfg = fleet_config(fake_url + "/v1", args.limits)
         config_file = tmp / "config.json"
         config_file.write_bytes(config_mod.encode(cfg))
         uvloop.run(prepare(nats_url, database_url, cfg))

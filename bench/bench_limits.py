@@ -14,10 +14,19 @@ limited to 20/s burst 20: admitted vs the bound, conflicts); `10k` (3 replicas, 
 attempts each at once, burst 2: every account must get exactly 2).
 
 Dispatcher: one `Dispatcher` here, requests published into LLM_REQ and timed until their work item
-reaches `llm.work.<pool>`, with rates off and on (100 accounts, limits that admit everything): closed
-loop at 64 in flight (saturation) and open loop at 100 requests/s.
+reaches `llm.work.<pool>` (100 accounts, limits that admit everything): closed loop at 64 in flight
+(saturation) and open loop at 100 requests/s, in these modes, interleaved over --rounds rounds:
 
-    .venv/bin/python bench/bench_limits.py [--n 2000]
+- `off`: no rate limiter and no budgets at all;
+- `unlimited`: both there, the config says `"unlimited"` for the rate and both budgets (the off switch);
+- `rate`: the rate's compare-and-set only; `budget`: the budget's reservation only;
+- `both`: both, in flight together (workers/limits.py, as shipped);
+- `both, one after the other`: both, the rate awaited before the reservation (as before the change),
+  for comparison.
+
+No worker runs, so reservations are never settled: the budget is large enough not to matter.
+
+    .venv/bin/python bench/bench_limits.py [--n 2000] [--seconds 5] [--rounds 2] [--dispatcher-only]
 """
 
 from __future__ import annotations
@@ -36,12 +45,18 @@ import nats
 import uvloop
 from machine import cpu_model, version  # bench/ is on sys.path when a bench runs
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import api as js_api
 from servers import start_nats  # bench/ is on sys.path when a bench runs
 
 from router import config as config_mod
 from router.config import RateLimit
-from schemas import decode_work
+from router.limits import AccountLimits
+from router.ratelimit import per_second
+from router.routing import Selection
+from schemas import Request, decode_work
+from workers import limits
+from workers.budget import Budgets
 from workers.dispatcher import Dispatcher
 from workers.publish import Publisher
 from workers.ratelimits import RateLimiter, now_us
@@ -68,9 +83,9 @@ class Counters:
             name="RATE_COUNTERS", subjects=["ratec.>"], allow_msg_counter=True, allow_direct=True, max_age=3600.0))
 
     async def admit(self, account: str, limit: RateLimit) -> bool:
-        window_us = int(limit.burst / limit.per_second * 1_000_000)
+        window_us = int(limit.burst / per_second(limit) * 1_000_000)
         ack = await self.js.publish(f"ratec.{account}.{now_us() // window_us}", b"", headers={"Nats-Incr": "1"})
-        return int(ack.val or 0) <= limit.burst  # type: ignore[attr-defined]
+        return int(ack.val or 0) <= limit.burst
 
 
 async def _rows(name: str, admits: list[Admit], cas: list[RateLimiter], n: int) -> list[str]:
@@ -147,28 +162,51 @@ async def _mechanisms(url: str, n: int) -> list[str]:
     return rows
 
 
-def _config(limits: bool) -> config_mod.Config:
+MODES = ("off", "unlimited", "rate", "budget", "both", "both, one after the other")
+
+
+def _config(mode: str) -> config_mod.Config:
     raw: dict[str, object] = {
         "providers": {"openai": {"format": "openai", "base_url": "http://127.0.0.1:9/v1"}},
         "pools": {"openai": {"provider": "openai", "concurrency": 64}},
         "routes": {"draft": {"default": ["openai:gpt-4o-mini"]}},
     }
-    if limits:
-        raw["limits"] = {"default": {"rate": {"per_second": 1e6, "burst": 1_000_000}}}
+    if mode == "unlimited":
+        raw["limits"] = {"default": {"rate": {"per_second": "unlimited"},
+                                     "budget": {"daily_usd": "unlimited", "monthly_usd": "unlimited"}}}
+    else:
+        raw["limits"] = {"default": {"rate": {"per_second": 1e6, "burst": 1_000_000},
+                                     "budget": {"daily_usd": 1e9, "monthly_usd": 1e9}}}
     return config_mod.from_mapping(raw)
 
 
-async def _dispatcher(url: str, rates_on: bool, seconds: float) -> tuple[str, str]:
-    cfg = _config(rates_on)
+async def _one_after_the_other(
+    rates: RateLimiter | None, budgets: Budgets | None, cfg: config_mod.Config, req: Request, msg: Msg,
+    published_ms: int, selection: Selection, own: AccountLimits | None,
+) -> limits.Held | limits.Admitted:
+    """The checks as they were before they ran together: the rate awaited, then the reservation."""
+    assert rates is not None and budgets is not None
+    held = await rates.admit(req, msg, published_ms, cfg.limits, own)
+    if held is not None:
+        return limits.Held(held)
+    return limits.Admitted(await budgets.reserve(cfg, req, selection, published_ms, own))
+
+
+async def _dispatcher(url: str, mode: str, seconds: float) -> tuple[str, str]:
+    cfg = _config(mode)
     nc = await nats.connect(url)
     js = nc.jetstream()
     await ensure_topology(js, cfg)
     await js.purge_stream("LLM_WORK")
     dnc = await nats.connect(url)
     djs = dnc.jetstream()
-    rates = await RateLimiter.open(djs) if rates_on else None
+    rates = await RateLimiter.open(djs) if mode in ("unlimited", "rate") or mode.startswith("both") else None
+    budgets = await Budgets.open(djs, "llm") if mode in ("unlimited", "budget") or mode.startswith("both") else None
+    shipped = limits.admit
+    if mode == "both, one after the other":
+        limits.admit = _one_after_the_other
     stop = asyncio.Event()
-    disp = Dispatcher(djs, Publisher(dnc, djs, "llm"), cfg, rates=rates)
+    disp = Dispatcher(djs, Publisher(dnc, djs, "llm"), cfg, rates=rates, budgets=budgets)
     task = asyncio.create_task(disp.serve(stop))
     sent: dict[str, float] = {}
     lat: list[float] = []
@@ -188,6 +226,7 @@ async def _dispatcher(url: str, rates_on: bool, seconds: float) -> tuple[str, st
     async def send(i: int) -> asyncio.Future[None]:
         rid = uuid.uuid4().hex
         body = msgspec.json.encode({"id": rid, "account": f"acct{i % 100}", "reply_to": "_INBOX.bench",
+                                    "max_tokens": 100,
                                     "messages": [{"role": "user", "content": "Write a haiku about queues"}]})
         fut: asyncio.Future[None] = loop.create_future()
         waiters[rid] = fut
@@ -195,53 +234,57 @@ async def _dispatcher(url: str, rates_on: bool, seconds: float) -> tuple[str, st
         await nc.publish(f"llm.req.draft.acct{i % 100}", body)  # core publish: JetStream stores it
         return fut
 
-    await asyncio.sleep(0.5)
-    # Saturation: 64 in flight, closed loop.
-    count = 0
-    end = time.perf_counter() + seconds
+    try:
+        await asyncio.sleep(0.5)
+        # Saturation: 64 in flight, closed loop.
+        count = 0
+        end = time.perf_counter() + seconds
 
-    async def closed(k: int) -> None:
-        nonlocal count
-        while time.perf_counter() < end:
-            await asyncio.wait_for(await send(k * 7919 + count), 10)
-            count += 1
+        async def closed(k: int) -> None:
+            nonlocal count
+            while time.perf_counter() < end:
+                await asyncio.wait_for(await send(k * 7919 + count), 10)
+                count += 1
 
-    t0 = time.perf_counter()
-    await asyncio.gather(*(closed(k) for k in range(64)))
-    rps = count / (time.perf_counter() - t0)
-    p50, p99 = _pct(lat)
-    sat = f"{rps:,.0f} req/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms"
-    # 100 requests/s, open loop.
-    lat.clear()
-    futs = []
-    t0 = time.perf_counter()
-    for i in range(int(100 * seconds)):
-        await asyncio.sleep(max(0.0, t0 + i / 100 - time.perf_counter()))
-        futs.append(await send(i))
-    await asyncio.wait_for(asyncio.gather(*futs), 10)
-    p50, p99 = _pct(lat)
-    slow = f"p50 {p50:.3f} ms, p99 {p99:.3f} ms"
-    stop.set()
-    await task
-    await dnc.close()
-    await nc.close()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(closed(k) for k in range(64)))
+        rps = count / (time.perf_counter() - t0)
+        p50, p99 = _pct(lat)
+        sat = f"{rps:,.0f} req/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms"
+        # 100 requests/s, open loop.
+        lat.clear()
+        futs = []
+        t0 = time.perf_counter()
+        for i in range(int(100 * seconds)):
+            await asyncio.sleep(max(0.0, t0 + i / 100 - time.perf_counter()))
+            futs.append(await send(i))
+        await asyncio.wait_for(asyncio.gather(*futs), 10)
+        p50, p99 = _pct(lat)
+        slow = f"p50 {p50:.3f} ms, p99 {p99:.3f} ms"
+    finally:
+        stop.set()
+        await task
+        limits.admit = shipped
+        await dnc.close()
+        await nc.close()
     return sat, slow
 
 
-async def main(n: int, seconds: float) -> None:
+async def main(n: int, seconds: float, rounds: int, dispatcher_only: bool) -> None:
     url, proc = start_nats()
     try:
-        print("| mechanism | case | admissions/s | p50 ms | p99 ms | exactness | CAS conflicts |")
-        print("|---|---|--:|--:|--:|---|--:|")
-        for row in await _mechanisms(url, n):
-            print(row, flush=True)
-        print()
-        print("| dispatcher | saturation (64 in flight) | 100 req/s open loop |")
+        if not dispatcher_only:
+            print("| mechanism | case | admissions/s | p50 ms | p99 ms | exactness | CAS conflicts |")
+            print("|---|---|--:|--:|--:|---|--:|")
+            for row in await _mechanisms(url, n):
+                print(row, flush=True)
+            print()
+        print("| dispatcher limits | saturation (64 in flight) | 100 req/s open loop |")
         print("|---|---|---|")
-        for rnd in range(2):  # interleaved, so a burst of load from elsewhere does not hit one side only
-            for on in (False, True):
-                sat, slow = await _dispatcher(url, on, seconds)
-                print(f"| rates {'on' if on else 'off'} (round {rnd + 1}) | {sat} | {slow} |", flush=True)
+        for rnd in range(rounds):  # interleaved, so a burst of load from elsewhere does not hit one mode only
+            for mode in MODES:
+                sat, slow = await _dispatcher(url, mode, seconds)
+                print(f"| {mode} (round {rnd + 1}) | {sat} | {slow} |", flush=True)
     finally:
         proc.terminate()
         proc.wait(10)
@@ -253,6 +296,8 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=2000, help="sequential admissions per mechanism (default 2000)")
     p.add_argument("--seconds", type=float, default=5.0, help="seconds per dispatcher cell (default 5)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of the dispatcher's modes (default 2)")
+    p.add_argument("--dispatcher-only", action="store_true", help="skip the mechanisms' table")
     a = p.parse_args()
     configure_logging("error")
-    uvloop.run(main(a.n, a.seconds))
+    uvloop.run(main(a.n, a.seconds, a.rounds, a.dispatcher_only))
