@@ -210,8 +210,9 @@ def _check(cfg: Config) -> None:
         _check_model(name, model)
     for name, prov in cfg.providers.items():
         if prov.api_key_ref is not None:  # accepted only once something reads it: never ignored silently
-            raise ConfigError(f"providers.{name}.api_key_ref: keys stored encrypted in the database are not"
-                              " supported yet; give the key in an environment variable named by api_key_env")
+            raise ConfigError(f"providers.{name}.api_key_ref: keys stored encrypted in the database are found by the"
+                              " name api_key_env gives (`switchyard keys set NAME`), not by a reference; remove"
+                              " api_key_ref")
         if not prov.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"providers.{name}.base_url: must start with http:// or https://")
 

@@ -256,6 +256,7 @@ class PoolHealth:
         self.credit_cooldown_ms = credit_cooldown_ms
         self.has_key = has_key
         self.report_key = f"{pool}.{uuid.uuid4().hex[:16]}"
+        self._report_soon = asyncio.Event()
         self._changing = asyncio.Lock()
         self.log = log.bind(pool=pool)
 
@@ -269,12 +270,24 @@ class PoolHealth:
             await self.view.pools.kv.delete(self.report_key)
         await self.view.stop()
 
+    def key_changed(self, has_key: bool) -> None:
+        """The worker gained or lost its key (a stored key set or deleted): reported now, not at the next beat."""
+        if has_key != self.has_key:
+            self.has_key = has_key
+            self._report_soon.set()
+
     async def keep_reporting(self, stop: asyncio.Event) -> None:
-        """Write the key report every REPORT_EVERY_S until `stop` is set."""
+        """Write the key report every REPORT_EVERY_S, and at once when `key_changed`, until `stop` is set."""
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(REPORT_EVERY_S):
-                    await stop.wait()
+                async with asyncio.timeout(REPORT_EVERY_S), asyncio.TaskGroup() as tg:
+                    # Whichever comes first ends the wait: the other waiter is cancelled with the group.
+                    stopped = tg.create_task(stop.wait())
+                    soon = tg.create_task(self._report_soon.wait())
+                    await asyncio.wait([stopped, soon], return_when=asyncio.FIRST_COMPLETED)
+                    stopped.cancel()
+                    soon.cancel()
+            self._report_soon.clear()
             if not stop.is_set():
                 await self._report()
 

@@ -41,6 +41,7 @@ from schemas import (
 from . import discovery
 from .budget import Budgets
 from .health import HealthView, PoolHealth
+from .keys import KeyRing
 from .metrics import OK, WorkerMetrics
 from .progress import Finished, Progress
 from .publish import Publisher, now_ms, prompt_fingerprint
@@ -168,12 +169,15 @@ class PoolWorker:
         health: PoolHealth | None = None,
         budgets: Budgets | None = None,
         rates: RateLimiter | None = None,
-        tracing: Tracing | None = None,
         metrics: WorkerMetrics | None = None,
+        tracing: Tracing | None = None,
+        keyring: KeyRing | None = None,
     ) -> None:
         """`health` is the pool's shared breaker, its provider's credit and its key report (default: read
         and written through `js`'s KV buckets). `rates` holds the pool's own rate limit state (default:
-        the `llm_rates` bucket of `js`, opened when the pool first has a limit)."""
+        the `llm_rates` bucket of `js`, opened when the pool first has a limit). `keyring` holds the keys
+        stored in PostgreSQL (workers/keys.py; default: environment keys only)."""
+        self.keyring = keyring
         self.tracing = tracing or Tracing.off()
         """A span per attempt and per provider call (default: off; the trace context is passed on as it came)."""
         self.js = js
@@ -203,8 +207,10 @@ class PoolWorker:
         self.health = health or PoolHealth(
             HealthView(js), pool=pool, policy=self.pool.breaker, provider=self.provider_name,
             credit_cooldown_ms=self.provider.credit_cooldown_ms,
-            has_key=bool(self.api_key) or not self.provider.api_key_env,
+            has_key=self._has_key(),
         )
+        if keyring is not None:
+            keyring.on_change(self._keys_changed)
 
     def reconfigure(self, cfg: Config, api_keys: Mapping[str, str | None]) -> None:
         """Follow a pushed config: the pool's timeouts, retries and breaker policy, its provider, prices and
@@ -223,11 +229,33 @@ class PoolWorker:
         self.health.policy = pool.breaker
         self.health.provider = pool.provider
         self.health.credit_cooldown_ms = provider.credit_cooldown_ms
-        self.health.has_key = bool(self.api_key) or not provider.api_key_env
+        self.health.has_key = self._has_key()
+
+    def key_for(self, account: str | None) -> str | None:
+        """The key a call for `account` uses (None: the pool's own, as `providers test` calls): the account's
+        own stored key, else the environment's, else the global stored key (workers/keys.py)."""
+        name = self.provider.api_key_env
+        if self.keyring is None or not name:
+            return self.api_key
+        own = self.keyring.get(name, account) if account is not None else None
+        return own or self.api_key or self.keyring.get(name, None)
+
+    def _has_key(self) -> bool:
+        """What the key report says: a key for some account at least (an account with none is refused
+        UNAUTHORIZED here and falls back), or none needed."""
+        name = self.provider.api_key_env
+        return not name or bool(self.api_key) or (self.keyring is not None and self.keyring.has(name))
+
+    def _keys_changed(self) -> None:
+        self.health.key_changed(self._has_key())
+
+    def _store_hint(self, name: str) -> str:
+        """The other way to give a key, where this worker reads stored keys."""
+        return f", or store one (`switchyard keys set {name}`)" if self.keyring is not None else ""
 
     async def serve(self, stop: asyncio.Event) -> None:
         self.log.info("worker_started", provider=self.provider_name, concurrency=self.pool.concurrency)
-        if self.provider.api_key_env and not self.api_key:
+        if not self._has_key():
             self.log.warning("no_api_key", provider=self.provider_name, variable=self.provider.api_key_env,
                              effect="every request is refused with UNAUTHORIZED and falls back to the next target")
         consumer = f"pool-{self.pool_name}"
@@ -265,7 +293,7 @@ class PoolWorker:
         """One models-list call to the provider with this worker's key (`providers test`, and the periodic
         check of workers/discovery.py). The error boundary of the call: the answer never carries the key, and
         anything unexpected is logged and answered as a failure."""
-        provider, cfg, key = self.provider_name, self.provider, self.api_key  # one config for the whole call
+        provider, cfg, key = self.provider_name, self.provider, self.key_for(None)  # one config for the whole call
         adapter = providers.adapter_for(cfg.format)
         call = adapter.probe(base_url=cfg.base_url, api_key=key, headers=cfg.headers)
         status: int | None = None
@@ -273,7 +301,7 @@ class PoolWorker:
         failure: ProviderFailure | None = None
         if cfg.api_key_env and not key:
             failure = ProviderFailure(ErrorCode.UNAUTHORIZED, f"no API key: set {cfg.api_key_env} in the environment"
-                                      " of this pool's workers", retry=False)
+                                      f" of this pool's workers{self._store_hint(cfg.api_key_env)}", retry=False)
         else:
             started = asyncio.get_running_loop().time()
             try:
@@ -385,7 +413,7 @@ class PoolWorker:
         started = now_ms()
         deadline_ms = work.accepted_ms + req.timeout_ms
         # A call that will be refused anyway (no key, no credit) takes no turn of the pool's own limit.
-        failure: SwitchyardError | None = await self._pool_turn(req) if self._refusal() is None else None
+        failure: SwitchyardError | None = await self._pool_turn(req) if self._refusal(req.account) is None else None
         wait = failure.retry_after_ms if failure is not None else None
         if wait is not None and now_ms() + wait < deadline_ms:
             await self._put_back(msg, wait, bound)
@@ -548,12 +576,13 @@ class PoolWorker:
         """Call the provider within this target's share of the request's time, retrying retryable failures
         until a chunk went out. Returns the last failure; the share running out is one (PROVIDER_ERROR, so
         the next target is tried), the request's own deadline is left to the caller (TIMEOUT)."""
-        refused = self._refusal()
+        refused = self._refusal(req.account)
         if refused is not None:
             return refused
         try:
             call = self.adapter.build(
-                req, model=model, base_url=self.provider.base_url, api_key=self.api_key, headers=self.provider.headers,
+                req, model=model, base_url=self.provider.base_url, api_key=self.key_for(req.account),
+                headers=self.provider.headers,
                 temperature_rule=model_info(self.cfg, self.provider.format, model).temperature,
             )
         except ProviderFailure as failure:  # the adapter says this request cannot go to this API
@@ -587,13 +616,14 @@ class PoolWorker:
             retry=False,
         )
 
-    def _refusal(self) -> ProviderFailure | None:
-        """Why this worker will not call its provider at all now, if it will not."""
-        if self.provider.api_key_env and not self.api_key:
+    def _refusal(self, account: str) -> ProviderFailure | None:
+        """Why this worker will not call its provider at all now for `account`, if it will not."""
+        name = self.provider.api_key_env
+        if name and not self.key_for(account):
             return ProviderFailure(
                 ErrorCode.UNAUTHORIZED,
-                f"no API key for provider {self.provider_name!r}: set {self.provider.api_key_env} in the environment"
-                f" of pool {self.pool_name!r}'s workers",
+                f"no API key for provider {self.provider_name!r}: set {name} in the environment of pool"
+                f" {self.pool_name!r}'s workers{self._store_hint(name)}",
                 retry=False,
             )
         until = self.health.credit_until()
