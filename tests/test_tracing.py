@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -23,10 +25,13 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.trace.span import NonRecordingSpan
 
+from router import config as config_mod
 from router.client import Client, Message, SwitchyardError
 from router.config import ConfigError
 from router.providers.fakes import FakeOpenAI, Scenario
 from schemas import Done, decode_event, decode_work
+from schemas import decode_reply as decode_reply_data
+from workers.runtime import ensure_topology
 from workers.tracing import ATTEMPT_SPAN, DISPATCH_SPAN, PROVIDER_CALL_SPAN, Tracing, from_env, valid_traceparent
 
 from .conftest import fleet_config, free_port, running_fleet
@@ -308,3 +313,79 @@ async def test_otlp_export_reaches_the_configured_endpoint(monkeypatch: pytest.M
     assert span.name == DISPATCH_SPAN and span.trace_id.hex() == "4bf92f3577b34da6a3ce929d0e0e4736"
     service = {a.key: a.value.string_value for a in sent.resource_spans[0].resource.attributes}["service.name"]
     assert service == "switchyard-dispatcher"
+
+
+class _OtlpSink:
+    """A local OTLP/HTTP traces endpoint that keeps every span it is sent, with its service's name."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, Any, Any]] = []  # (service.name, resource attributes, span)
+        self.port = free_port()
+
+    async def _collect(self, request: web.Request) -> web.Response:
+        sent = ExportTraceServiceRequest.FromString(await request.read())
+        for rs in sent.resource_spans:
+            attrs = {a.key: a.value.string_value for a in rs.resource.attributes}
+            self.spans += [(attrs.get("service.name", ""), attrs, s) for ss in rs.scope_spans for s in ss.spans]
+        return web.Response(status=200)
+
+    async def __aenter__(self) -> _OtlpSink:
+        app = web.Application()
+        app.router.add_post("/v1/traces", self._collect)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.runner.cleanup()
+
+
+def _start(roles: list[list[str]], cfg_file: Any, env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
+    cmd = [sys.executable, "-m", "workers.cli"]
+    return [subprocess.Popen([*cmd, *role, "--config", str(cfg_file)], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL) for role in roles]
+
+
+async def test_fleet_processes_export_one_trace_over_otlp(
+    nats_url: str, fake_openai: FakeOpenAI, nc: NATS, tmp_path: Any
+) -> None:
+    """`switchyard dispatcher` and `switchyard worker` as processes, configured by the OTEL_* variables alone."""
+
+    cfg = fleet_config({"openai": fake_openai.url + "/v1"})
+    await ensure_topology(nc.jetstream(), cfg)
+    cfg_file = tmp_path / "config.json"
+    cfg_file.write_bytes(config_mod.encode(cfg))
+    async with _OtlpSink() as sink:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_") and k != "DATABASE_URL"}
+        env.update({"NATS_URL": nats_url, "SWITCHYARD_LOG_LEVEL": "warning", "SY_TEST_OPENAI_KEY": "sk-test",
+                    "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.port}", "OTEL_BSP_SCHEDULE_DELAY": "100"})
+        procs = _start([["dispatcher"], ["worker", "--pool", "openai"]], cfg_file, env)
+        try:
+            trace_id, parent_span = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+            inbox = f"_INBOX.{uuid.uuid4().hex}"
+            got: asyncio.Queue[Any] = asyncio.Queue()
+            sub = await nc.subscribe(f"{inbox}.*", cb=got.put)
+            body = _body(inbox)
+            await _publish(nc, body, {"traceparent": f"00-{trace_id}-{parent_span}-01"})
+            reply = decode_reply_data((await asyncio.wait_for(got.get(), 60)).data)
+            await sub.unsubscribe()
+            end = asyncio.get_running_loop().time() + 30
+            while len([s for s in sink.spans if s[2].trace_id.hex() == trace_id]) < 3:
+                assert asyncio.get_running_loop().time() < end, f"spans received: {sink.spans}"
+                await asyncio.sleep(0.1)
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                await asyncio.to_thread(p.wait, 10)
+    assert isinstance(reply, Done)
+    ours = {s.name: (service, attrs, s) for service, attrs, s in sink.spans if s.trace_id.hex() == trace_id}
+    assert set(ours) == {DISPATCH_SPAN, ATTEMPT_SPAN, PROVIDER_CALL_SPAN}
+    d_service, _, dispatch = ours[DISPATCH_SPAN]
+    w_service, w_attrs, attempt = ours[ATTEMPT_SPAN]
+    c_service, _, call = ours[PROVIDER_CALL_SPAN]
+    assert (d_service, w_service, c_service) == ("switchyard-dispatcher", "switchyard-worker", "switchyard-worker")
+    assert w_attrs["switchyard.pool"] == "openai"
+    assert dispatch.parent_span_id.hex() == parent_span
+    assert attempt.parent_span_id == dispatch.span_id and call.parent_span_id == attempt.span_id
