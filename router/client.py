@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -106,7 +105,9 @@ class Client:
         self.js = nc.jetstream()
         self.prefix = prefix
         self.grace_s = grace_s
-        self._inbox = f"_INBOX.sy{secrets.token_hex(8)}"
+        # The connection's inbox prefix: with NATS credentials, a producer may read only its own
+        # (`_INBOX.<account>`, see deploy/nats/).
+        self._inbox = nc.new_inbox()
         self._pending: dict[str, Stream] = {}
         self._sub: Subscription | None = None
 

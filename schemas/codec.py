@@ -68,14 +68,15 @@ def decode_request(
             f"invalid request: JSON nested too deeply to decode (the limit is {limits.MAX_DEPTH} levels"
             " inside `parameters` and `arguments`)"
         ) from None
-    _check_rules(req)
-    if b"\\u0000" in data:  # JSON writes NUL only as this escape, so most requests skip the walk
-        _check_nul(req)
+    # The account first: the other rules (`reply_to` under `llm.res.`) are checked against it.
     if account is not None and req.account != account:
         raise InvalidMessage(
             f"invalid request: `account` is {req.account!r} but the subject is for account {account!r}",
             field="$.account",
         )
+    _check_rules(req)
+    if b"\\u0000" in data:  # JSON writes NUL only as this escape, so most requests skip the walk
+        _check_nul(req)
     if use_case is not None:
         if req.use_case is None:
             req.use_case = use_case
@@ -92,7 +93,7 @@ def _check_rules(req: Request) -> None:
     problem = limits.id_problem(req.id)
     if problem:
         raise InvalidMessage(f"invalid request: {problem}", field="$.id")
-    problem = limits.reply_to_problem(req.reply_to)
+    problem = limits.reply_to_problem(req.reply_to, req.account)
     if problem:
         raise InvalidMessage(f"invalid request: {problem}", field="$.reply_to")
     if req.queue_ms > req.timeout_ms:
@@ -153,12 +154,13 @@ _SCAN_TOKENS = 50_000
 """How many tokens the tolerant scan reads before it gives up: bounded work on hostile input."""
 
 
-def peek_request(data: bytes) -> tuple[str | None, str | None]:
+def peek_request(data: bytes, account: str | None = None) -> tuple[str | None, str | None]:
     """Best effort `(id, reply_to)` of a message that failed to decode, for the error reply.
 
     `reply_to` is given only when it passes the door's rules (so answering cannot hurt a
-    connection), `id` only when it can be encoded. Works on bodies no decoder accepts: nested
-    too deep, or holding a lone surrogate escape elsewhere.
+    connection, nor write into the results of another account than `account`), `id` only when it
+    can be encoded. Works on bodies no decoder accepts: nested too deep, or holding a lone
+    surrogate escape elsewhere.
     """
     try:
         p = _peek.decode(data)
@@ -168,7 +170,7 @@ def peek_request(data: bytes) -> tuple[str | None, str | None]:
         rid, reply_to = found.get("id"), found.get("reply_to")
     if rid is not None and (len(rid) > 4 * limits.MAX_ID or not _encodable(rid)):
         rid = None
-    if reply_to is not None and limits.reply_to_problem(reply_to) is not None:
+    if reply_to is not None and limits.reply_to_problem(reply_to, account) is not None:
         reply_to = None
     return rid, reply_to
 

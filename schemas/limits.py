@@ -51,8 +51,10 @@ _REPLY_TO = re.compile(rf"(?:_INBOX|llm\.res)(?:\.{_TOKEN})+")
 _ID_BAD = re.compile(r"[.*>\s\x00-\x1f\x7f]")
 
 
-def reply_to_problem(reply_to: str) -> str | None:
-    """Why `reply_to` is refused, or None when it is fine."""
+def reply_to_problem(reply_to: str, account: str | None = None) -> str | None:
+    """Why `reply_to` is refused, or None when it is fine. With `account`, a durable reply subject must
+    be that account's own (`llm.res.<account>.…`): NATS permissions give each producer its own results
+    only, so replies to another account's subjects would be written where its owner reads them."""
     if len(reply_to) > MAX_REPLY_TO:
         return f"`reply_to` is {len(reply_to)} characters; the limit is {MAX_REPLY_TO}"
     if not reply_to.startswith(("_INBOX.", "llm.res.")):
@@ -61,6 +63,11 @@ def reply_to_problem(reply_to: str) -> str | None:
         return (
             "`reply_to` must be a plain subject (no spaces or wildcards): tokens of printable ASCII"
             " separated by single dots, without control characters, `*` or `>`"
+        )
+    if account is not None and reply_to.startswith("llm.res.") and not reply_to.startswith(f"llm.res.{account}."):
+        return (
+            f"`reply_to` under `llm.res.` must be the request's own account's, `llm.res.{account}.<anything>`"
+            f" (it names account {reply_to.split('.')[2]!r})"
         )
     return None
 

@@ -112,7 +112,7 @@ async def test_a_republished_request_is_served_once(fleet: Fleet, nc: NATS) -> N
 async def test_replies_to_llm_res_are_kept_for_a_producer_that_reads_later(fleet: Fleet, nc: NATS) -> None:
     # A batch job publishes and goes away; its replies wait in LLM_RES.
     body = request("Summarise the night's tickets", stream=True)
-    subject = f"llm.res.nightly.{body['id']}"
+    subject = f"llm.res.acme.nightly.{body['id']}"
     await nc.jetstream().publish("llm.req.draft.acme", msgspec.json.encode({**body, "reply_to": subject}),
                                  headers={"Nats-Msg-Id": body["id"]})
     await asyncio.sleep(1.0)  # nobody is listening meanwhile

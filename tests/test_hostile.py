@@ -192,6 +192,26 @@ async def test_a_reused_id_in_one_account_is_refused_not_dropped(fleet: Fleet, n
     assert err.code == "INVALID_REQUEST" and "was used by another request" in err.message
 
 
+async def test_a_request_for_another_account_or_its_results_is_refused(fleet: Fleet, nc: NATS) -> None:
+    # The subject's account is the one NATS permissions bind to a producer's credential: a body naming
+    # another, or results under another account's `llm.res.<account>.`, would spend or write as it.
+    body, inbox = _body(account="globex")
+    err = await refusal(nc, msgspec.json.encode(body), inbox)
+    assert err.code == "INVALID_REQUEST"
+    assert "`account` is 'globex' but the subject is for account 'acme'" in err.message
+    elsewhere = request(reply_to="llm.res.globex.job.1")
+    await nc.jetstream().publish("llm.req.draft.acme", msgspec.json.encode(elsewhere))
+    copies = await dlq_copies(nc, "dispatch", expect=2)
+    by_id = {msgspec.json.decode(c.data)["id"]: c.headers or {} for c in copies}
+    assert by_id[body["id"]]["Switchyard-Error-Code"] == "INVALID_REQUEST"
+    refused = by_id[elsewhere["id"]]["Switchyard-Error"]
+    assert "must be the request's own account's, `llm.res.acme.<anything>`" in refused
+    # Its refusal went nowhere: answering would have written into globex's results.
+    info = await nc.jetstream().stream_info("LLM_RES", subjects_filter="llm.res.globex.>")
+    assert not info.state.subjects
+    _alive(fleet)
+
+
 # --- the generated corpus ---------------------------------------------------------------------------
 
 

@@ -81,7 +81,7 @@ def _full_request() -> Request:
             Tool(name="answer"),
         ],
         tool_choice=NamedToolChoice(name="answer"),
-        reply_to="llm.res.weather-bot.01JD7SB4M2K6W9Q0C3T5V8X1ZE",
+        reply_to="llm.res.acme.weather-bot.01JD7SB4M2K6W9Q0C3T5V8X1ZE",
         timeout_ms=120_000,
         metadata={"team": "weather"},
     )
@@ -414,9 +414,9 @@ def test_defaults_of_a_minimal_request() -> None:
 
 
 def test_llm_res_reply_to_and_the_largest_timeout_are_accepted() -> None:
-    raw = {**_base(), "reply_to": "llm.res.batch-7.r1", "timeout_ms": 3_600_000}
+    raw = {**_base(), "reply_to": "llm.res.acme.batch-7.r1", "timeout_ms": 3_600_000}
     req = decode_request(json.dumps(raw).encode())
-    assert (req.reply_to, req.timeout_ms) == ("llm.res.batch-7.r1", 3_600_000)
+    assert (req.reply_to, req.timeout_ms) == ("llm.res.acme.batch-7.r1", 3_600_000)
 
 
 def test_assistant_message_may_carry_only_tool_calls() -> None:

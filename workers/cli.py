@@ -10,9 +10,10 @@ from pathlib import Path
 from router.config import ConfigError
 
 from . import metrics, processes
-from .commands import accounts, ask, budget, dlq, explain, fleet, keys, providers, report, reprice, status
+from .commands import accounts, ask, budget, dlq, explain, fleet, providers, report, reprice, status
 from .commands import breaker as breaker_noun
 from .commands import config as config_noun
+from .commands import creds as creds_noun
 from .commands import health as health_noun
 from .commands.preflight import database_problem
 from .runtime import configure_logging, run
@@ -27,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--config", help="routing config (TOML); default: the shipped example")
     up.add_argument("--data-dir", type=Path, default=None, help="where NATS and PostgreSQL keep data (.switchyard)")
     up.add_argument("--nats-port", type=int, default=0, help="port of the embedded nats-server (default: a free one)")
+    up.add_argument("--secure", action="store_true",
+                    help="a credential per process and per producer account on the embedded nats-server")
 
     for name, text in (("dispatcher", "the dispatcher"), ("auditor", "the auditor")):
         s = sub.add_parser(name, help=f"run {text} (NATS_URL, DATABASE_URL)")
@@ -38,9 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     metrics.add_options(w)
 
     # the operator's commands, one module each
-    for noun in (ask, status, dlq, config_noun, accounts, explain, providers, budget, report, reprice, keys):
+    for noun in (ask, status, dlq, config_noun, accounts, explain, providers, budget, report, reprice):
         noun.register(sub)
     breaker_noun.register(sub)
+    creds_noun.register(sub)
     health_noun.register(sub)
     return p
 
@@ -66,7 +70,8 @@ def _serve(args: argparse.Namespace) -> None:
         if os.environ.get("DATABASE_URL"):
             _require_database(os.environ["DATABASE_URL"])
         data_dir = args.data_dir or default_data_dir()
-        run(lambda stop: up(stop, config_path=args.config, data_dir=data_dir, nats_port=args.nats_port))
+        run(lambda stop: up(stop, config_path=args.config, data_dir=data_dir, nats_port=args.nats_port,
+                            secure=args.secure))
         return
     nats_url = os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
     if args.command == "dispatcher":

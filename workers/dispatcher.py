@@ -248,7 +248,7 @@ class Dispatcher:
         Each step is tried on its own; raises only when neither the answer nor the copy went out, so
         that the caller leaves the message in the stream rather than lose it.
         """
-        rid, reply_to = (req.id, req.reply_to) if req is not None else peek_request(msg.data)
+        rid, reply_to = (req.id, req.reply_to) if req is not None else peek_request(msg.data, account or "")
         account = req.account if req is not None else account
         log.warning("refused", request_id=rid, code=err.code.value, error=err.message[:500], subject=msg.subject[:200])
         self.tracing.failed(err.code.value)

@@ -24,7 +24,6 @@ from .configstore import LiveConfig
 from .db import database_url, migrate
 from .dispatcher import Dispatcher
 from .health import HealthView
-from .keys import keyring_for_worker
 from .metrics import AuditorMetrics, DispatcherMetrics, WorkerMetrics
 from .progress import Progress, ensure_bucket
 from .provider import PoolWorker
@@ -83,9 +82,10 @@ def http_client() -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=AiohttpTransport(limits=limits), follow_redirects=False)
 
 
-async def prepare(nats_url: str, database_url: str, cfg: Config) -> None:
-    """Streams, consumers and tables, before any fleet process starts (every process also does its part)."""
-    nc = await connect(nats_url, "switchyard-prepare")
+async def prepare(nats_url: str, database_url: str, cfg: Config, *, seed_file: str | None = None) -> None:
+    """Streams, consumers and tables, before any fleet process starts (every process also does its part).
+    `seed_file` holds the credential to connect with, for a secure fleet's server."""
+    nc = await connect(nats_url, "switchyard-prepare", seed_file=seed_file)
     try:
         js = nc.jetstream()
         await ensure_topology(js, cfg)
@@ -190,16 +190,12 @@ async def _run_worker(
         await ensure_topology(js, cfg)
         async with http_client() as http:
             progress = Progress(nc, await ensure_bucket(js))
-            keyring = keyring_for_worker(database_url())  # keys stored in PostgreSQL, when it can read them
             worker = PoolWorker(js, Publisher(nc, js, cfg.subject_prefix), http, cfg, pool, api_keys(cfg), progress,
                                 metrics=metrics,
-                                tracing=tracing, budgets=await Budgets.open(js, cfg.subject_prefix), keyring=keyring)
+                                tracing=tracing, budgets=await Budgets.open(js, cfg.subject_prefix))
             live.on_change(lambda new: worker.reconfigure(new, api_keys(new)))
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(live.follow(js, stop))
-                if keyring is not None:
-                    tg.create_task(keyring.run(stop))
-                    await keyring.first_load()
                 tg.create_task(discovery.watch_provider(stop, worker))  # its provider's health, in its stats
                 await worker.serve(stop)
     finally:

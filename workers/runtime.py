@@ -101,10 +101,21 @@ FIRST_CONNECT_S = 30.0
 """How long a process tries to reach NATS at start before it fails (exit 1) and is started again."""
 
 
-async def connect(url: str, name: str, stop: asyncio.Event | None = None) -> NATS:
+def nats_seed_file() -> str | None:
+    """The file holding this process's nkey seed (NATS_NKEY_SEED_FILE), for a server that wants
+    credentials (`switchyard up --secure`, deploy/nats/); None connects without any."""
+    return os.environ.get("NATS_NKEY_SEED_FILE") or None
+
+
+async def connect(url: str, name: str, stop: asyncio.Event | None = None, *, seed_file: str | None = None) -> NATS:
     """A connection that reconnects for ever once made. Making it is bounded: raises ConnectionError
-    after FIRST_CONNECT_S, and CancelledError when `stop` is set first (a SIGTERM while connecting)."""
+    after FIRST_CONNECT_S, and CancelledError when `stop` is set first (a SIGTERM while connecting).
+    It authenticates with the nkey seed in `seed_file` (default: NATS_NKEY_SEED_FILE) when there is one;
+    raises ConnectionError when that file cannot be read."""
     log = structlog.get_logger()
+    seed_file = seed_file or nats_seed_file()
+    if seed_file is not None and not os.access(seed_file, os.R_OK):
+        raise ConnectionError(f"NATS_NKEY_SEED_FILE {seed_file}: no such file, or not readable")
     conn: list[NATS] = []
 
     async def on_error(exc: Exception) -> None:
@@ -126,6 +137,7 @@ async def connect(url: str, name: str, stop: asyncio.Event | None = None) -> NAT
         reconnected_cb=on_reconnect,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
+        nkeys_seed=seed_file,
     ))
     stopping = asyncio.ensure_future((stop or asyncio.Event()).wait())
     try:

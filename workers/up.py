@@ -28,7 +28,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -40,11 +40,10 @@ from router import config as config_mod
 from router import pricing
 from router.config import Config
 from router.providers.fakes import FakeOpenAI, Scenario
-from router.secrets import MASTER_KEYS_ENV
 
 from .commands.preflight import redact_url
 from .configstore import LiveConfig
-from .keys import stored_names
+from .natsauth import AuthDir, add_pool_user, role_env, secure_fleet
 from .processes import api_keys, load_config, prepare
 from .runtime import connect
 from .supervise import RestartPolicy, describe_exit
@@ -63,6 +62,8 @@ class State(msgspec.Struct):
     nats_url: str
     database_url: str
     pid: int
+    auth_dir: str | None = None
+    """A secure fleet's credentials (`--secure`); the CLI connects with the admin's or a producer's."""
 
 
 def default_data_dir() -> Path:
@@ -197,14 +198,17 @@ def _nats_binary() -> str:
     return found
 
 
-async def _start_nats(data_dir: Path, port: int) -> tuple[str, _Child]:
+async def _start_nats(data_dir: Path, port: int, auth: AuthDir | None = None) -> tuple[str, _Child]:
     # The port is fixed here, not left to nats-server, so that a restart serves the same URL (and store).
     port = port or _free_port()
     store = data_dir / "nats"
     store.mkdir(parents=True, exist_ok=True)
+    # A secure fleet's server reads its users from the generated config, and writes its pid where
+    # `switchyard creds` finds it to make it reload that config.
+    secure = ["-c", str(auth.server_config), "-P", str(auth.pid_file)] if auth is not None else []
     child = _Child(
         "nats-server",
-        [_nats_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store),
+        [_nats_binary(), *secure, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store),
          "-l", str(data_dir / "nats.log")],
     )
     proc = child.start(time.monotonic())
@@ -250,7 +254,7 @@ def demo_config(cfg: Config, base_url: str) -> Config:
     })
 
 
-def keyed_config(cfg: Config, keys: Mapping[str, object]) -> tuple[Config, list[str]]:
+def keyed_config(cfg: Config, keys: dict[str, str | None]) -> tuple[Config, list[str]]:
     """The config without the providers whose key is missing (and their pools and targets).
 
     Returns the pruned config and the names of the providers left out. A provider with
@@ -271,7 +275,9 @@ def keyed_config(cfg: Config, keys: Mapping[str, object]) -> tuple[Config, list[
     return config_mod.from_mapping(raw), missing
 
 
-async def up(stop: asyncio.Event, *, config_path: str | None, data_dir: Path, nats_port: int) -> None:
+async def up(
+    stop: asyncio.Event, *, config_path: str | None, data_dir: Path, nats_port: int, secure: bool = False
+) -> None:
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     running = read_state(data_dir)
@@ -290,10 +296,17 @@ async def up(stop: asyncio.Event, *, config_path: str | None, data_dir: Path, na
     demo: FakeOpenAI | None = None
     try:
         nats_url = os.environ.get("NATS_URL")
+        auth: AuthDir | None = None
+        if secure:
+            if nats_url:
+                raise SystemExit("switchyard: --secure runs its own nats-server with generated credentials;"
+                                 " unset NATS_URL (deploy/nats/ shows how to secure a server of your own)")
+            # Every pool the fleet may run: the config's, or the demo provider's when no key is set.
+            auth = secure_fleet(data_dir, cfg.subject_prefix, [*cfg.pools, "demo"])
         if nats_url:
             say(f"using NATS at {nats_url} (NATS_URL)")
         else:
-            nats_url, nats_child = await _start_nats(data_dir, nats_port)
+            nats_url, nats_child = await _start_nats(data_dir, nats_port, auth)
             children.append(nats_child)
         given_db = os.environ.get("DATABASE_URL")
         if given_db:
@@ -302,17 +315,13 @@ async def up(stop: asyncio.Event, *, config_path: str | None, data_dir: Path, na
         else:
             database_url, pg_server = await asyncio.to_thread(_start_postgres, data_dir)
 
-        keys: dict[str, object] = dict(api_keys(cfg))
-        if os.environ.get(MASTER_KEYS_ENV):  # the workers can read stored keys: a provider with one is keyed too
-            stored = await stored_names(database_url)
-            keys.update({n: True for n, p in cfg.providers.items() if not keys[n] and p.api_key_env in stored})
+        keys = api_keys(cfg)
         if not any(keys.values()):
             demo = FakeOpenAI(default=Scenario(ttft_ms=250, chunk_ms=35, words_per_chunk=2))
             url = await demo.start()
             cfg = demo_config(cfg, url + "/v1")
             say(f"no provider key is set: every use case routes to the demo provider at {url}/v1")
-            say("  (set OPENAI_API_KEY, ANTHROPIC_API_KEY or GEMINI_API_KEY to route to real models, or store them"
-                " with `switchyard keys set`)")
+            say("  (set OPENAI_API_KEY, ANTHROPIC_API_KEY or GEMINI_API_KEY to route to real models)")
         else:
             cfg, missing = keyed_config(cfg, keys)
             if missing:
@@ -320,23 +329,28 @@ async def up(stop: asyncio.Event, *, config_path: str | None, data_dir: Path, na
 
         effective = data_dir / "config.json"
         effective.write_bytes(config_mod.encode(cfg))
-        await prepare(nats_url, database_url, cfg)
+        admin_seed = str(auth.seed_file("admin")) if auth is not None else None
+        await prepare(nats_url, database_url, cfg, seed_file=admin_seed)
 
         env: dict[str, str] = {**os.environ, "NATS_URL": nats_url, "DATABASE_URL": database_url}
         me = [sys.executable, "-m", "workers.cli"]
 
         def worker(pool: str) -> _Child:
-            return _Child(f"worker {pool}", [*me, "worker", "--pool", pool, "--config", str(effective)], env)
+            add_pool_user(auth, cfg.subject_prefix, pool)  # a pool added by a push has no credential yet
+            return _Child(f"worker {pool}", [*me, "worker", "--pool", pool, "--config", str(effective)],
+                          role_env(env, auth, "worker", pool))
 
-        services = [_Child("dispatcher", [*me, "dispatcher", "--config", str(effective)], env)]
+        services = [_Child("dispatcher", [*me, "dispatcher", "--config", str(effective)],
+                           role_env(env, auth, "dispatcher"))]
         services += [worker(pool) for pool in cfg.pools]
-        services.append(_Child("auditor", [*me, "auditor", "--config", str(effective)], env))
+        services.append(_Child("auditor", [*me, "auditor", "--config", str(effective)], role_env(env, auth, "auditor")))
         for child in services:
             _serve_metrics(child)
             children.append(child)
             child.start(time.monotonic())
         (data_dir / STATE_FILE).write_bytes(
-            msgspec.json.encode(State(nats_url=nats_url, database_url=database_url, pid=os.getpid()))
+            msgspec.json.encode(State(nats_url=nats_url, database_url=database_url, pid=os.getpid(),
+                                      auth_dir=str(auth.path) if auth is not None else None))
         )
         say(f"NATS:       {nats_url}")
         # A DATABASE_URL's password stays out of the output; the embedded server's URL has none.
@@ -344,9 +358,14 @@ async def up(stop: asyncio.Event, *, config_path: str | None, data_dir: Path, na
         say(f"pools:      {', '.join(cfg.pools)}; use cases: {', '.join(cfg.routes)}")
         for child in services:
             say(f"metrics:    {child.metrics_url}  {child.name}")
+        if auth is not None:
+            say(f"secure:     every process has its own credential (in {auth.path}); account demo's producer"
+                f" seed is {auth.seed_file('producer', 'demo')}")
+            say("            (NATS_NKEY_SEED_FILE=that file for `switchyard ask`; more producers:"
+                " switchyard creds new-producer ACCOUNT)")
         say('ready. Try: switchyard ask "Write a haiku about queues" --stream   (Ctrl-C stops the fleet)')
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(_follow_pools(nats_url, cfg, children, worker, stop))
+            tg.create_task(_follow_pools(nats_url, cfg, children, worker, stop, seed_file=admin_seed))
             await _supervise(children, stop)
     finally:
         say("stopping")
@@ -364,7 +383,8 @@ async def up(stop: asyncio.Event, *, config_path: str | None, data_dir: Path, na
 
 
 async def _follow_pools(
-    nats_url: str, cfg: Config, children: list[_Child], worker: Callable[[str], _Child], stop: asyncio.Event
+    nats_url: str, cfg: Config, children: list[_Child], worker: Callable[[str], _Child], stop: asyncio.Event,
+    *, seed_file: str | None = None,
 ) -> None:
     """Start a worker for every pool a `switchyard config push` adds while the fleet runs. A pool the
     push removes keeps its worker until `up` stops (it may still hold queued work)."""
@@ -381,7 +401,7 @@ async def _follow_pools(
                 say(f"metrics:    {child.metrics_url}  {child.name}")
 
     try:
-        nc = await connect(nats_url, "switchyard-up", stop)
+        nc = await connect(nats_url, "switchyard-up", stop, seed_file=seed_file)
     except Exception as exc:  # up serves on without it; only added pools wait for a restart
         say(f"cannot follow config pushes ({exc}); a pool added by a push needs `up` restarted")
         return

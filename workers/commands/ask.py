@@ -63,7 +63,7 @@ async def ask_command(args: argparse.Namespace) -> int:
         if problem:
             say(problem)
             return REFUSED
-    async with connected(args.data_dir) as (nc, url):
+    async with connected(args.data_dir, account=args.account) as (nc, url):
         prefix = await fleet_prefix(nc.jetstream(), url)
         client = await Client.connect(nc, prefix=prefix)
         try:

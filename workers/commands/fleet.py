@@ -20,6 +20,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError, ServiceUnavailableError
+from nats.protocol.parser import AUTHORIZATION_VIOLATION
 
 OK = 0
 REFUSED = 1
@@ -48,27 +49,63 @@ def nats_url(data_dir: Path | None) -> str:
     return state.nats_url if state else "nats://127.0.0.1:4222"
 
 
-async def connect_once(url: str) -> NATS:
-    """One attempt, no reconnect loop and no traceback: a CLI reports an unreachable fleet and exits."""
+def credentials(data_dir: Path | None, account: str | None = None) -> tuple[str | None, str | None]:
+    """The nkey seed file to connect with, and the inbox prefix: NATS_NKEY_SEED_FILE when set; else, for
+    the secure fleet `switchyard up --secure` runs in the data directory, its admin's credential, or with
+    `account` that account's producer credential. A producer's inboxes are `_INBOX.<account>.…`, the
+    only ones its credential may read. Raises NoFleet when the secure fleet has no credential for `account`."""
+    from router.natsperms import inbox_prefix
+
+    from ..natsauth import AuthDir
+    from ..up import default_data_dir, read_state
+
+    inbox = inbox_prefix(account) if account else None
+    if os.environ.get("NATS_NKEY_SEED_FILE"):
+        return os.environ["NATS_NKEY_SEED_FILE"], inbox
+    state = None if os.environ.get("NATS_URL") else read_state(data_dir or default_data_dir())
+    if state is None or state.auth_dir is None:
+        return None, inbox
+    auth = AuthDir(Path(state.auth_dir))
+    seed = auth.seed_file("producer", account) if account else auth.seed_file("admin")
+    if not seed.exists():
+        raise NoFleet(f"the secure fleet at {state.nats_url} has no credential for account {account}: make one with"
+                      f" `switchyard creds new-producer {account}`, or set NATS_NKEY_SEED_FILE")
+    return str(seed), inbox
+
+
+async def connect_once(url: str, seed_file: str | None = None, inbox_prefix: str | None = None) -> NATS:
+    """One attempt, no reconnect loop and no traceback: a CLI reports an unreachable fleet and exits.
+    Authenticates with the nkey seed in `seed_file` when given."""
 
     async def quiet(_exc: Exception) -> None:
         return None
 
     # max_reconnect_attempts=0 would mean "forever" to nats-py; 1 is one retry, then NoServersError.
+    extra: dict[str, Any] = {"inbox_prefix": inbox_prefix} if inbox_prefix else {}
     return await nats.connect(
         url, connect_timeout=3, allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0.1,
-        error_cb=quiet,
+        error_cb=quiet, nkeys_seed=seed_file, **extra,
     )
 
 
 @asynccontextmanager
-async def connected(data_dir: Path | None) -> AsyncIterator[tuple[NATS, str]]:
-    """A connection to the fleet's NATS and its URL. Raises NoFleet when it cannot be reached or is
-    lost, or a request to it goes unanswered."""
+async def connected(data_dir: Path | None, account: str | None = None) -> AsyncIterator[tuple[NATS, str]]:
+    """A connection to the fleet's NATS and its URL, with the credential `credentials` finds (a producer's
+    of `account` when given). Raises NoFleet when it cannot be reached or is lost, refuses the credential,
+    or a request to it goes unanswered."""
     url = nats_url(data_dir)
+    seed_file, inbox = credentials(data_dir, account)
+    if seed_file is not None and not os.access(seed_file, os.R_OK):
+        raise NoFleet(f"NATS_NKEY_SEED_FILE {seed_file}: no such file, or not readable")
     try:
-        nc = await connect_once(url)
+        nc = await connect_once(url, seed_file, inbox)
     except Exception as exc:  # nats-py raises OSError, TimeoutError or its own errors, depending on the URL
+        # A refused credential is a plain nats Error carrying the server's words.
+        if isinstance(exc, nats.errors.Error) and AUTHORIZATION_VIOLATION in str(exc).lower():
+            raise NoFleet(
+                f"NATS at {url} refused the credential {'in ' + seed_file if seed_file else '(none given)'};"
+                " set NATS_NKEY_SEED_FILE to the seed file of a user it knows (`switchyard creds list`)"
+            ) from None
         raise NoFleet(
             f"cannot reach NATS at {url} ({type(exc).__name__}); is the fleet up? (`switchyard up`, or set NATS_URL)"
         ) from None

@@ -1,0 +1,373 @@
+"""NATS credentials per role: a real nats-server started with the generated config refuses what a
+credential's role does not allow, and a secure `switchyard up` serves end to end with them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import msgspec
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import api
+
+from router.natsperms import inbox_prefix
+from schemas import Done, Error, decode_reply
+from workers.natsauth import AuthDir, ensure_fleet_users
+from workers.runtime import ensure_topology
+
+from .conftest import fleet_config, free_port, nats_server_binary, wait_port
+from .helpers import request
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Server(NamedTuple):
+    url: str
+    auth: AuthDir
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A nats-server with JetStream started from the shipped deploy/nats/switchyard.conf, whose generated
+    users are the fleet's and two producers, acme and bravo."""
+    tmp = tmp_path_factory.mktemp("natsauth")
+    auth = AuthDir(tmp / "auth")
+    ensure_fleet_users(auth, ["openai"], "acme")
+    auth.add("producer", "bravo")
+    auth.write_server_config("llm")
+    conf = tmp / "switchyard.conf"  # beside auth/, which it includes; listen and store are given below
+    shutil.copy(REPO / "deploy" / "nats" / "switchyard.conf", conf)
+    port = free_port()
+    proc = subprocess.Popen(
+        [nats_server_binary(), "-c", str(conf), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp / "js")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port)
+        yield Server(f"nats://127.0.0.1:{port}", auth)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+class Conn:
+    """A connection with one role's credential that records the permission errors the server sends."""
+
+    def __init__(self) -> None:
+        self.nc: NATS | None = None
+        self.errors: list[str] = []
+        self._new = asyncio.Event()
+
+    async def open(self, server: Server, role: Any, name: str = "") -> NATS:
+        async def on_error(exc: Exception) -> None:
+            self.errors.append(str(exc))
+            self._new.set()
+
+        extra = {"inbox_prefix": inbox_prefix(name)} if role == "producer" else {}
+        self.nc = await nats.connect(server.url, nkeys_seed=str(server.auth.seed_file(role, name)),
+                                     error_cb=on_error, allow_reconnect=False, **extra)
+        return self.nc
+
+    async def refused(self, what: str, subject: str, timeout: float = 10.0) -> None:
+        """Wait for the server's `permissions violation for <what> to "<subject>"`."""
+        wanted = f'permissions violation for {what} to "{subject}"'
+        async with asyncio.timeout(timeout):
+            while not any(wanted.lower() in e.lower() for e in self.errors):
+                self._new.clear()
+                await self._new.wait()
+
+
+@pytest.fixture
+async def conns() -> AsyncIterator[list[Conn]]:
+    made: list[Conn] = []
+    yield made
+    for c in made:
+        if c.nc is not None:
+            await c.nc.close()
+
+
+async def _conn(conns: list[Conn], server: Server, role: Any, name: str = "") -> tuple[NATS, Conn]:
+    c = Conn()
+    conns.append(c)
+    return await c.open(server, role, name), c
+
+
+async def _seen_before_marker(watcher: NATS, publisher: NATS, subjects: list[str], marker: str) -> list[str]:
+    """Publish on `subjects`, then on `marker`, from one connection; return which of `subjects` the
+    watcher (subscribed to everything they could reach) received before the marker. NATS keeps one
+    publisher's order, so anything delivered arrives before the marker does."""
+    got: list[str] = []
+    done = asyncio.Event()
+
+    async def on_msg(msg: Msg) -> None:
+        if msg.subject == marker:
+            done.set()
+        else:
+            got.append(msg.subject)
+
+    subs = [await watcher.subscribe(s, cb=on_msg) for s in [*subjects, marker]]
+    await watcher.flush()
+    for s in subjects:
+        await publisher.publish(s, b"{}")
+    await publisher.publish(marker, b"{}")
+    await publisher.flush()
+    await asyncio.wait_for(done.wait(), 10)
+    for sub in subs:
+        await sub.unsubscribe()
+    return got
+
+
+async def test_a_producer_publishes_only_its_own_accounts_requests(server: Server, conns: list[Conn]) -> None:
+    admin, _ = await _conn(conns, server, "admin")
+    acme, c = await _conn(conns, server, "producer", "acme")
+    got = await _seen_before_marker(admin, acme, ["llm.req.draft.bravo", "llm.req.draft.acme"], "llm.req.chat.acme")
+    assert got == ["llm.req.draft.acme"]
+    await c.refused("publish", "llm.req.draft.bravo")
+
+
+@pytest.mark.parametrize("subject", [
+    "llm.work.>", "llm.work.openai", "llm.events.>", "llm.res.bravo.>", "llm.res.>", "_INBOX.>", "_INBOX.bravo.>",
+    "llm.req.>", "llm.dlq.>", "llm.admin.>", "$SRV.>", "$KV.llm_config.>",
+])
+async def test_a_producer_cannot_read_what_is_not_its_own(server: Server, conns: list[Conn], subject: str) -> None:
+    acme, c = await _conn(conns, server, "producer", "acme")
+    await acme.subscribe(subject)
+    await c.refused("subscription", subject)
+
+
+@pytest.mark.parametrize("subject", [
+    "llm.admin.explain", "llm.admin.providers.test.openai", "$SRV.PING", "$SRV.INFO.switchyard",
+    "$KV.llm_breakers.openai", "$KV.llm_config.config",
+    "llm.work.openai", "llm.events.completed", "llm.dlq.dispatch", "llm.res.bravo.job.1",
+    # JetStream: an unfiltered consumer would read any account's results; no stream changes, no reads
+    "$JS.API.CONSUMER.CREATE.LLM_RES", "$JS.API.CONSUMER.CREATE.LLM_RES.x.llm.res.bravo.>",
+    "$JS.API.CONSUMER.CREATE.LLM_WORK", "$JS.API.CONSUMER.MSG.NEXT.LLM_REQ.dispatch",
+    "$JS.API.DIRECT.GET.LLM_RES", "$JS.API.STREAM.MSG.GET.LLM_REQ", "$JS.API.STREAM.PURGE.LLM_REQ",
+    "$JS.API.STREAM.DELETE.LLM_REQ", "$JS.API.CONSUMER.DELETE.LLM_REQ.dispatch",
+])
+async def test_a_producer_cannot_reach_admin_or_fleet_subjects(server: Server, conns: list[Conn], subject: str) -> None:
+    acme, c = await _conn(conns, server, "producer", "acme")
+    await acme.publish(subject, b"{}")
+    await c.refused("publish", subject)
+
+
+async def test_a_producer_sends_and_reads_its_own_through_jetstream(server: Server, conns: list[Conn]) -> None:
+    admin, _ = await _conn(conns, server, "admin")
+    await ensure_topology(admin.jetstream(), fleet_config({"openai": "http://127.0.0.1:9/v1"}))
+    acme, c = await _conn(conns, server, "producer", "acme")
+    # the PubAck comes back on the producer's own inbox
+    ack = await acme.jetstream().publish("llm.req.draft.acme", b"{}", headers={"Nats-Msg-Id": "acme:p1"})
+    assert ack.stream == "LLM_REQ"
+    # its durable results: a consumer filtered on its own subject, delivered to its own inbox
+    await admin.jetstream().publish("llm.res.acme.job.r1", b'{"n": 1}')
+    sub = await acme.jetstream().subscribe(
+        "llm.res.acme.job.r1", stream="LLM_RES",
+        config=api.ConsumerConfig(name=f"c{uuid.uuid4().hex}", ack_policy=api.AckPolicy.NONE),
+    )
+    msg = await sub.next_msg(timeout=10)
+    assert msg.data == b'{"n": 1}'
+    assert not [e for e in c.errors if "CONSUMER.CREATE" in e]
+
+
+async def test_a_worker_cannot_publish_requests_nor_read_other_pools(server: Server, conns: list[Conn]) -> None:
+    admin, _ = await _conn(conns, server, "admin")
+    worker, c = await _conn(conns, server, "worker", "openai")
+    got = await _seen_before_marker(admin, worker, ["llm.req.draft.acme"], "llm.events.completed")
+    assert got == []
+    await c.refused("publish", "llm.req.draft.acme")
+    await worker.publish("$JS.API.CONSUMER.MSG.NEXT.LLM_WORK.pool-anthropic", b"{}")
+    await c.refused("publish", "$JS.API.CONSUMER.MSG.NEXT.LLM_WORK.pool-anthropic")
+    await worker.subscribe("llm.admin.explain")
+    await c.refused("subscription", "llm.admin.explain")
+
+
+async def test_the_auditor_and_dispatcher_cannot_publish_requests(server: Server, conns: list[Conn]) -> None:
+    for role in ("auditor", "dispatcher"):
+        nc, c = await _conn(conns, server, role)
+        await nc.publish("llm.req.draft.acme", b"{}")
+        await c.refused("publish", "llm.req.draft.acme")
+
+
+def test_seeds_and_the_server_config_are_private_files(server: Server) -> None:
+    files = [server.auth.seed_file(u.role, u.name) for u in server.auth.users()]
+    files += [server.auth.server_config, server.auth.path / "users.json"]
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+    assert stat.S_IMODE(server.auth.path.stat().st_mode) == 0o700
+    conf = server.auth.server_config.read_text()
+    for u in server.auth.users():  # public keys in the config, never a seed
+        assert u.public_key in conf
+        assert server.auth.seed_file(u.role, u.name).read_text().strip() not in conf
+
+
+# --- a secure `switchyard up`, end to end ------------------------------------------------------------
+
+
+class Up(NamedTuple):
+    proc: subprocess.Popen[str]
+    data_dir: Path
+    url: str
+    lines: list[str]
+    env: dict[str, str]
+
+
+def _read_until(proc: subprocess.Popen[str], pattern: str, lines: list[str], timeout: float = 90) -> re.Match[str]:
+    assert proc.stdout is not None
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                raise AssertionError("exited early:\n" + "".join(lines))
+            continue
+        lines.append(line)
+        m = re.search(pattern, line)
+        if m:
+            return m
+    raise AssertionError(f"no line matching {pattern!r}:\n" + "".join(lines))
+
+
+@pytest.fixture(scope="module")
+def secure_up() -> Iterator[Up]:
+    # Not under pytest's own temporary root: the embedded PostgreSQL runs as another user, which must be
+    # able to traverse every parent, and pytest makes that root private again whenever a run starts.
+    base = Path(tempfile.mkdtemp(prefix="sy-secure-"))
+    data_dir = base / "data"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NATS_URL", "DATABASE_URL", "NATS_NKEY_SEED_FILE") and not k.endswith("_API_KEY")}
+    env |= {"SWITCHYARD_DATA_DIR": str(data_dir), "PATH": f"{BIN}:{env.get('PATH', '')}"}
+    proc = subprocess.Popen([str(BIN / "switchyard"), "up", "--secure"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    try:
+        url = _read_until(proc, r"NATS:\s+(nats://\S+)", lines).group(1)
+        _read_until(proc, r"ready\.", lines)
+        yield Up(proc, data_dir, url, lines, env)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _switchyard(up: Up, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / "switchyard"), *args], env=up.env | env, capture_output=True, text=True,
+                          timeout=90)
+
+
+def test_up_secure_prints_the_demo_producers_seed_file_and_never_a_seed(secure_up: Up) -> None:
+    auth = AuthDir(secure_up.data_dir / "auth")
+    seed_file = auth.seed_file("producer", "demo")
+    assert any(str(seed_file) in line for line in secure_up.lines)
+    out = "".join(secure_up.lines)
+    for u in auth.users():
+        assert auth.seed_file(u.role, u.name).read_text().strip() not in out
+    assert {(u.role, u.name) for u in auth.users()} >= {("admin", ""), ("dispatcher", ""), ("auditor", ""),
+                                                         ("worker", "demo"), ("producer", "demo")}
+
+
+def test_ask_with_the_producer_credential_is_answered(secure_up: Up) -> None:
+    seed = str(secure_up.data_dir / "auth" / "producer-demo.nk")
+    ask = _switchyard(secure_up, "ask", "Write a haiku about queues", "--stream", NATS_NKEY_SEED_FILE=seed)
+    assert ask.returncode == 0, ask.stderr
+    assert "provider: demo" in ask.stderr
+    # The same credential cannot ask for another account: the server refuses its publish, and
+    # `ask` says there is no such credential in the fleet's directory.
+    other = _switchyard(secure_up, "ask", "hello", "--account", "zeta")
+    assert other.returncode == 2 and "creds new-producer zeta" in other.stderr
+
+
+def test_without_a_credential_the_cli_gets_one_line(secure_up: Up) -> None:
+    # Another directory's state is not consulted: NATS_URL names the server, no credential is given.
+    status = _switchyard(secure_up, "status", NATS_URL=secure_up.url)
+    assert status.returncode == 2
+    assert status.stderr.count("\n") == 1 and "refused the credential" in status.stderr, status.stderr
+
+
+async def test_new_producer_is_accepted_at_once_and_bound_to_its_account(secure_up: Up) -> None:
+    made = _switchyard(secure_up, "creds", "new-producer", "globex", "--json")
+    assert made.returncode == 0, made.stderr
+    cred = msgspec.json.decode(made.stdout)
+    assert cred["active"] is True and cred["new"] is True and cred["inbox_prefix"] == "_INBOX.globex"
+    seed = cred["seed_file"]
+    assert stat.S_IMODE(Path(seed).stat().st_mode) == 0o600
+    assert Path(seed).read_text().strip() not in made.stdout
+    ask = _switchyard(secure_up, "ask", "hello", "--account", "globex", NATS_NKEY_SEED_FILE=seed)
+    assert ask.returncode == 0, ask.stderr
+
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    nc = await nats.connect(secure_up.url, nkeys_seed=seed, inbox_prefix="_INBOX.globex", error_cb=on_error)
+    try:
+        # The dispatcher's own refusals: another account in the body, results under another account.
+        inbox = f"_INBOX.globex.{uuid.uuid4().hex}"
+        sub = await nc.subscribe(inbox)
+        body = request(account="demo", reply_to=inbox)
+        await nc.jetstream().publish("llm.req.draft.globex", msgspec.json.encode(body))
+        reply = decode_reply((await sub.next_msg(timeout=30)).data)
+        assert isinstance(reply, Error) and reply.code == "INVALID_REQUEST"
+        assert "`account` is 'demo' but the subject is for account 'globex'" in reply.message
+        stolen = request(account="globex", reply_to="llm.res.demo.job.x1")
+        await nc.jetstream().publish("llm.req.draft.globex", msgspec.json.encode(stolen))
+        ok = request(account="globex", reply_to=f"llm.res.globex.job.{uuid.uuid4().hex}")
+        res = await nc.subscribe(ok["reply_to"])
+        await nc.jetstream().publish("llm.req.draft.globex", msgspec.json.encode(ok))
+        while not isinstance(done := decode_reply((await res.next_msg(timeout=30)).data), Done | Error):
+            pass
+        assert isinstance(done, Done)
+    finally:
+        await nc.close()
+    assert not errors, errors
+
+    admin = await nats.connect(secure_up.url, nkeys_seed=str(secure_up.data_dir / "auth" / "admin.nk"))
+    try:
+        js = admin.jetstream()
+        copies = await js.subscribe("llm.dlq.dispatch", ordered_consumer=True)
+        seen: dict[str, str] = {}
+        while stolen["id"] not in seen or body["id"] not in seen:
+            msg = await copies.next_msg(timeout=30)
+            assert msg.headers is not None
+            seen[msgspec.json.decode(msg.data)["id"]] = msg.headers["Switchyard-Error"]
+        assert "`reply_to` under `llm.res.` must be the request's own account's" in seen[stolen["id"]]
+        # the refusal was not written into account demo's results
+        info = await js.stream_info("LLM_RES", subjects_filter="llm.res.demo.>")
+        assert not info.state.subjects
+    finally:
+        await admin.close()
+
+
+def test_the_fleets_own_processes_need_nothing_they_are_not_allowed(secure_up: Up) -> None:
+    # Runs after the requests above: every refusal the server logged was for a producer's attempt.
+    auth = AuthDir(secure_up.data_dir / "auth")
+    ask = _switchyard(secure_up, "ask", "one more", NATS_NKEY_SEED_FILE=str(auth.seed_file("producer", "demo")))
+    assert ask.returncode == 0, ask.stderr
+    services = {u.public_key: f"{u.role} {u.name}" for u in auth.users() if u.role != "producer"}
+    log = (secure_up.data_dir / "nats.log").read_text()
+    violations = [line for line in log.splitlines() if "Violation" in line]
+    assert not [v for v in violations if any(k in v for k in services)], violations
+    assert "Using configuration file" in log
