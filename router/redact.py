@@ -12,6 +12,13 @@ _SECRET_VALUES = re.compile(
     r"|(?<=://)[^/@\s:]+:[^/@\s]+(?=@))"
 )
 MASK = "[redacted]"
+# A value given by name: `x-api-key: …`, `'x-goog-api-key': '…'`, `api_key=…`, `access_token=…`, and a URL's
+# `?key=…` / `&token=…`. The name stays, so a message still says what was there.
+_NAMED_VALUES = re.compile(
+    r"""((?:x-api-key|x-goog-api-key|api[_-]?key|access[_-]?token|authorization)["']?\s*[:=]\s*["']?"""
+    r"""|[?&;](?:key|token|sig|signature)=)(?!\[redacted\])(?:Bearer\s+)?[^\s"',;&}#]+""",
+    re.I,
+)
 _DISTINCTIVE = 8
 """A part of a known secret this long (between `.`, `:`, `_`, `-` or `/`) is masked on its own too."""
 
@@ -36,9 +43,10 @@ def remember_secret(value: str | None) -> None:
 
 
 def scrub(text: str) -> str:
-    """Mask anything that looks like a provider key, a bearer token or a password in a URL, and every
-    secret this process was told of (`remember_secret`)."""
-    text = _SECRET_VALUES.sub(MASK, text)
+    """Mask anything that looks like a provider key, a bearer token, a password in a URL, a value named as a
+    key or token (a header, a parameter, a URL's `key=`), and every secret this process was told of
+    (`remember_secret`)."""
+    text = _NAMED_VALUES.sub(lambda m: m.group(1) + MASK, _SECRET_VALUES.sub(MASK, text))
     return _known_re.sub(MASK, text) if _known_re is not None else text
 
 

@@ -262,3 +262,23 @@ async def test_planted_keys_appear_in_no_log_line_message_row_or_listing(
         for needle in needles():
             assert needle not in text, f"a planted key (or a part of one) in the {where}"
     assert isinstance(replies[next(iter(replies))][-1], Done)
+
+
+@pytest.mark.parametrize("template", [
+    "GET https://generativelanguage.example/v1beta/models?key={v}&pageSize=1",
+    "POST https://api.example/v1/chat?api_key={v}",
+    "called https://api.example/v1/x?a=1&token={v}#top",
+    "headers {{'x-api-key': '{v}', 'content-type': 'application/json'}}",
+    'headers {{"x-goog-api-key": "{v}"}}',
+    "x-api-key: {v}",
+    "invalid api_key={v} given",
+    "access_token={v}",
+    "Authorization: Bearer {v}",
+])
+def test_a_value_named_as_a_key_is_masked_whatever_its_shape(template: str) -> None:
+    from router.redact import MASK, scrub
+
+    value = f"{uuid.uuid4().hex[:6]}.{uuid.uuid4().hex}"  # no known shape, never remembered
+    out = scrub(template.format(v=value))
+    assert value not in out and MASK in out
+    assert out == template.format(v=MASK) or template.startswith("Authorization")
