@@ -24,6 +24,7 @@ from .configstore import LiveConfig
 from .db import database_url, migrate
 from .dispatcher import Dispatcher
 from .health import HealthView
+from .keys import keyring_for_worker
 from .metrics import AuditorMetrics, DispatcherMetrics, WorkerMetrics
 from .progress import Progress, ensure_bucket
 from .provider import PoolWorker
@@ -190,12 +191,16 @@ async def _run_worker(
         await ensure_topology(js, cfg)
         async with http_client() as http:
             progress = Progress(nc, await ensure_bucket(js))
+            keyring = keyring_for_worker(database_url())  # keys stored in PostgreSQL, when it can read them
             worker = PoolWorker(js, Publisher(nc, js, cfg.subject_prefix), http, cfg, pool, api_keys(cfg), progress,
                                 metrics=metrics,
-                                tracing=tracing, budgets=await Budgets.open(js, cfg.subject_prefix))
+                                tracing=tracing, budgets=await Budgets.open(js, cfg.subject_prefix), keyring=keyring)
             live.on_change(lambda new: worker.reconfigure(new, api_keys(new)))
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(live.follow(js, stop))
+                if keyring is not None:
+                    tg.create_task(keyring.run(stop))
+                    await keyring.first_load()
                 tg.create_task(discovery.watch_provider(stop, worker))  # its provider's health, in its stats
                 await worker.serve(stop)
     finally:

@@ -28,7 +28,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -40,9 +40,11 @@ from router import config as config_mod
 from router import pricing
 from router.config import Config
 from router.providers.fakes import FakeOpenAI, Scenario
+from router.secrets import MASTER_KEYS_ENV
 
 from .commands.preflight import redact_url
 from .configstore import LiveConfig
+from .keys import stored_names
 from .natsauth import AuthDir, add_pool_user, role_env, secure_fleet
 from .processes import api_keys, load_config, prepare
 from .runtime import connect
@@ -254,7 +256,7 @@ def demo_config(cfg: Config, base_url: str) -> Config:
     })
 
 
-def keyed_config(cfg: Config, keys: dict[str, str | None]) -> tuple[Config, list[str]]:
+def keyed_config(cfg: Config, keys: Mapping[str, object]) -> tuple[Config, list[str]]:
     """The config without the providers whose key is missing (and their pools and targets).
 
     Returns the pruned config and the names of the providers left out. A provider with
@@ -315,13 +317,17 @@ async def up(
         else:
             database_url, pg_server = await asyncio.to_thread(_start_postgres, data_dir)
 
-        keys = api_keys(cfg)
+        keys: dict[str, object] = dict(api_keys(cfg))
+        if os.environ.get(MASTER_KEYS_ENV):  # the workers can read stored keys: a provider with one is keyed too
+            stored = await stored_names(database_url)
+            keys.update({n: True for n, p in cfg.providers.items() if not keys[n] and p.api_key_env in stored})
         if not any(keys.values()):
             demo = FakeOpenAI(default=Scenario(ttft_ms=250, chunk_ms=35, words_per_chunk=2))
             url = await demo.start()
             cfg = demo_config(cfg, url + "/v1")
             say(f"no provider key is set: every use case routes to the demo provider at {url}/v1")
-            say("  (set OPENAI_API_KEY, ANTHROPIC_API_KEY or GEMINI_API_KEY to route to real models)")
+            say("  (set OPENAI_API_KEY, ANTHROPIC_API_KEY or GEMINI_API_KEY to route to real models, or store them"
+                " with `switchyard keys set`)")
         else:
             cfg, missing = keyed_config(cfg, keys)
             if missing:
