@@ -333,3 +333,24 @@ async def test_a_row_the_worker_cannot_decrypt_is_skipped_and_logged_by_name_alo
         unreadable[0]["problem"]
     text = repr(logs)
     assert good not in text and other not in text and "OTHER_KEY" in text
+
+
+async def test_a_worker_process_reads_stored_keys_with_database_url_and_master_keys(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, nats_url: str, nc: NATS,
+    fake_openai: FakeOpenAI, cli_env: str,
+) -> None:
+    """`switchyard worker` as `up` starts it (DATABASE_URL and SWITCHYARD_MASTER_KEYS in its environment)."""
+    from workers.processes import run_worker
+
+    stored = a_key()
+    assert (await keys_set(capsys, monkeypatch, stored, NAME)).code == 0
+    monkeypatch.delenv(NAME, raising=False)
+    cfg = fleet_config({"openai": fake_openai.url + "/v1"})
+    async with running_fleet(nats_url, cfg, None, pools=[]):  # the dispatcher; the worker is the process's own
+        stop = asyncio.Event()
+        worker = asyncio.create_task(run_worker(stop, cfg, nats_url, "openai"))
+        try:
+            assert isinstance(await answered(nc, "acme"), Done) and bearer(fake_openai) == stored
+        finally:
+            stop.set()
+            await asyncio.wait_for(worker, 20)
