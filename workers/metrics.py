@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from typing import Any
@@ -376,8 +377,9 @@ async def serve_metrics(registry: CollectorRegistry, port: int, host: str = "0.0
         await web.TCPSite(runner, host, port).start()
     except OSError as exc:
         await runner.cleanup()
-        raise ConfigError(f"--metrics-port {port}: cannot listen on {host}:{port}"
-                          f" ({(exc.strerror or str(exc)).lower()})") from None
+        # asyncio's own text repeats the address; a host that does not resolve has a negative errno
+        reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)
+        raise ConfigError(f"--metrics-port {port}: cannot listen on {host}:{port} ({reason.lower()})") from None
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}/metrics"
     log.info("metrics_serving", url=url)
     try:
