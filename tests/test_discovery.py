@@ -14,6 +14,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import asyncpg
 import msgspec
 import nats
 import pytest
@@ -28,6 +29,8 @@ from router.providers.fakes import FakeOpenAI, Scenario
 from router.vitals import ProcessStats, ProviderHealth, Summary, Vitals, Window, percentile
 from schemas import Done
 from workers import discovery
+from workers.auditor import Auditor
+from workers.publish import Publisher
 
 from .conftest import fleet_config
 from .helpers import ask_raw, request, switchyard
@@ -218,6 +221,49 @@ async def test_health_exits_1_when_no_process_of_the_role_answers(
 
 
 @pytest.mark.asyncio(loop_scope="module")
+async def test_an_auditor_whose_ledger_refuses_its_batches_answers_unhealthy(
+    ready: ProcessFleet, conn: NATS, server: str, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The auditor of the fleet steps aside for one whose database has no `llm_audit` table (an outage to
+    # it: every batch is retried, none written), wired as workers/processes.py wires an auditor.
+    good = next(p for p in ready.procs if p.name == "auditor")
+    await ready.stop(good)
+    admin = await asyncpg.connect(pg_url)
+    await admin.execute("CREATE SCHEMA IF NOT EXISTS sy_no_ledger")
+    await admin.close()
+    pool = await asyncpg.create_pool(pg_url, min_size=1, max_size=2, server_settings={"search_path": "sy_no_ledger"})
+    nc = await nats.connect(server)
+    js = nc.jetstream()
+    auditor = Auditor(js, Publisher(nc, js, "llm"), pool)
+    stop = asyncio.Event()
+    service = await discovery.start(nc, discovery.Reporter("auditor", auditor.vitals), "llm", stop)
+    task = asyncio.create_task(auditor.serve(stop))
+    try:
+        replies = await ask_raw(conn, request("an event for a ledger that is not there"), timeout=30)
+        assert isinstance(replies[-1], Done)
+        end = asyncio.get_running_loop().time() + 30
+        while True:
+            probe = await switchyard(capsys, "health", "--role", "auditor", "--timeout", "1")
+            if probe.code != 0:
+                break
+            assert asyncio.get_running_loop().time() < end, "the auditor never said it fails"
+        assert probe.code == 1
+        [line] = probe.err.strip().splitlines()
+        assert line.startswith("switchyard: health: unhealthy: auditor: ") and ": failing for " in line, line
+        assert 'relation "llm_audit" does not exist' in line
+        status = await switchyard(capsys, "status", "--wait", "1.5")
+        assert status.code == 1 and "problem: auditor on " in status.out and "is unhealthy: failing for" in status.out
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await discovery.stop_quietly(service)
+        await nc.close()
+        await pool.close()
+        ready.auditor()
+    await live(conn, "auditor", 1, fleet=ready)
+
+
+@pytest.mark.asyncio(loop_scope="module")
 async def test_health_exits_1_when_nats_cannot_be_reached() -> None:
     env = {**os.environ, "NATS_URL": "nats://127.0.0.1:1"}
     out = await asyncio.to_thread(subprocess.run, [SWITCHYARD, "health", "--role", "dispatcher"], env=env,
@@ -336,3 +382,17 @@ def test_the_events_retention_is_validated(value: object, error: str) -> None:
     with pytest.raises(ConfigError) as caught:
         config_mod.from_mapping(raw)
     assert str(caught.value) == error
+
+
+def test_a_reporter_says_why_its_process_is_unhealthy() -> None:
+    v = Vitals(clock=lambda: 0)
+    r = discovery.Reporter("auditor", v)
+    assert r.snapshot().healthy and r.snapshot().problem is None
+    v.failing("LedgerUnavailable: connection refused")
+    snap = r.snapshot()
+    assert not snap.healthy and snap.problem is not None and snap.problem.endswith(
+        ": LedgerUnavailable: connection refused")
+    v.recovered()
+    r.stop = asyncio.Event()
+    r.stop.set()
+    assert r.snapshot().problem == "stopping"
