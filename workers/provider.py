@@ -46,7 +46,7 @@ from .metrics import OK, WorkerMetrics
 from .progress import Finished, Progress
 from .publish import Publisher, now_ms, prompt_fingerprint
 from .pull import serve_pull
-from .ratelimits import RateLimiter, describe_pool, pool_limit, pool_tokens
+from .ratelimits import RateLimiter, describe_pool, paused_until_ms, pool_limit, pool_tokens
 from .runtime import MAX_DELIVER
 from .tracing import ATTEMPT_SPAN, PROVIDER_CALL_SPAN, Tracing
 
@@ -448,7 +448,7 @@ class PoolWorker:
             return
         if self._can_fall_back(work, out, failure):
             nxt = WorkItem(request=req, route=work.route[1:], attempts=work.attempts, accepted_ms=work.accepted_ms,
-                           reserved_usd=work.reserved_usd)
+                           reserved_usd=work.reserved_usd, budget=work.budget)
             headers = {"Nats-Msg-Id": f"{req.account}:{req.id}:{len(nxt.attempts)}"}
             self.tracing.pass_on(headers, msg.headers)  # the next attempt is a child of the dispatcher's span too
             self.tracing.current().set_attribute("switchyard.fell_back_to", str(nxt.route[0]))
@@ -507,10 +507,14 @@ class PoolWorker:
 
     async def _put_back(self, msg: Msg, wait: int, bound: structlog.BoundLogger) -> None:
         """Stop the whole pool pulling for `wait` ms (its consumer paused, for every replica) and put this item
-        back in the queue for that long, counted as a hold rather than a failed delivery."""
-        until = datetime.fromtimestamp((now_ms() + wait) / 1000, UTC)
+        back in the queue for that long, counted as a hold rather than a failed delivery. A pause that already
+        lasts longer (a provider's longer wait) is left as it is."""
+        until_ms = now_ms() + wait
+        until = datetime.fromtimestamp(until_ms / 1000, UTC)
+        consumer = f"pool-{self.pool_name}"
         try:
-            await self.js.pause_consumer("LLM_WORK", f"pool-{self.pool_name}", until.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+            if until_ms > await paused_until_ms(self.js, consumer):
+                await self.js.pause_consumer("LLM_WORK", consumer, until.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
         except Exception as exc:  # the item still waits its turn; the other replicas may just try sooner
             bound.warning("pool_pause_failed", error=repr(exc))
         await self.progress.count_hold(msg.metadata.sequence.stream)

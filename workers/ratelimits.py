@@ -23,6 +23,7 @@ import collections
 import heapq
 import math
 import time
+from datetime import UTC, datetime
 
 import msgspec
 import structlog
@@ -90,6 +91,24 @@ def pool_tokens(req: Request, limit: RateLimit) -> int:
     if not limit.tokens_per_minute:
         return 0
     return min(ratelimit.estimated_tokens(req), limit.tokens_per_minute)
+
+
+async def paused_until_ms(js: JetStreamContext, consumer: str, stream: str = "LLM_WORK") -> int:
+    """Until when (Unix ms) `consumer` is paused; 0 when it is not. A pool's worker reads it before pausing
+    its pool, so that a short wait (the pool's own limit) does not cut a longer one (a provider's 429) short.
+    Raises what nats-py raises when the consumer cannot be read."""
+    info = await js.consumer_info(stream, consumer)
+    text = info.config.pause_until if info.config is not None else None
+    if not text:
+        return 0
+    # RFC 3339 with up to nanoseconds (`2026-11-30T20:30:00.123456789Z`): Python reads microseconds.
+    base, _, rest = text.rstrip("Z").partition(".")
+    digits = "".join(ch for ch in rest if ch.isdigit())[:6]
+    try:
+        at = datetime.fromisoformat(f"{base}.{digits or '0'}").replace(tzinfo=UTC)
+    except ValueError:
+        return 0
+    return int(at.timestamp() * 1000)
 
 
 class Hold(msgspec.Struct, array_like=True, frozen=True):
