@@ -160,6 +160,8 @@ async def test_one_trace_per_request_across_dispatcher_attempts_and_provider_cal
     calls = _named(hops, PROVIDER_CALL_SPAN)
     assert [_parent_of(c) for c in calls] == [_id(first), _id(first), _id(second)]
     assert [c.attributes["http.response.status_code"] for c in calls[:2] if c.attributes] == [500, 500]
+    assert [c.attributes["error.type"] for c in calls[:2] if c.attributes] == ["PROVIDER_ERROR"] * 2
+    assert calls[2].status.status_code is not StatusCode.ERROR
     assert dispatch.start_time is not None and first.start_time is not None and second.start_time is not None
     assert dispatch.start_time <= first.start_time <= second.start_time
     assert rows["fallback"]["trace_id"] == _hex(trace_id, 32)

@@ -707,16 +707,20 @@ class PoolWorker:
             "gen_ai.system": self.provider.format, "server.address": httpx.URL(self.provider.base_url).host,
             "switchyard.try": out.tries,
         }
+        failed: ProviderFailure | None = None
         with self.tracing.call(PROVIDER_CALL_SPAN, attributes) as span:
             try:
                 await self._call(req, call, out, share, timeout)
             except ProviderFailure as failure:
+                failed = failure  # raised once the span has ended, so that it keeps our code rather than the type
                 if failure.http_status is not None:
                     span.set_attribute("http.response.status_code", failure.http_status)
                 self.tracing.failed(failure.code.value)
-                raise
-            span.set_attributes({"gen_ai.usage.input_tokens": out.usage.input_tokens,
-                                 "gen_ai.usage.output_tokens": out.usage.output_tokens})
+            else:
+                span.set_attributes({"gen_ai.usage.input_tokens": out.usage.input_tokens,
+                                     "gen_ai.usage.output_tokens": out.usage.output_tokens})
+        if failed is not None:
+            raise failed
 
     @staticmethod
     def _left_ms(share: asyncio.Timeout, deadline_ms: int) -> float:
