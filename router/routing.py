@@ -96,13 +96,14 @@ class Source(enum.StrEnum):
 
 
 class Skip(enum.StrEnum):
-    """Why a target was not tried. The first four are about the request, the rest about now."""
+    """Why a target was not tried. The first six are about the request, the rest about now."""
 
     UNKNOWN_POOL = "unknown_pool"
     NOT_ALLOWED_FOR_TIER = "not_allowed_for_tier"
     NO_VISION = "no_vision"
     NO_TOOLS = "no_tools"
     CONTEXT_TOO_SMALL = "context_too_small"
+    MAX_TOKENS_TOO_LARGE = "max_tokens_too_large"
     BREAKER_OPEN = "breaker_open"
     CREDIT_EXHAUSTED = "credit_exhausted"
     NO_KEY = "no_key"
@@ -259,11 +260,15 @@ def _unfit(info: ModelInfo, want: Needs) -> tuple[Skip, str] | None:
         return Skip.NO_VISION, f"model {info.name} does not accept images"
     if want.tools and info.tools is False:
         return Skip.NO_TOOLS, f"model {info.name} does not call tools"
+    most = info.max_output_tokens
+    if want.max_tokens is not None and most is not None and want.max_tokens > most:
+        return Skip.MAX_TOKENS_TOO_LARGE, (
+            f"max_tokens {want.max_tokens:,} is more than model {info.name} can write ({most:,})"
+        )
     window = info.context_window
     if window is not None:
         answer = want.max_tokens
         if answer is None:
-            most = info.max_output_tokens
             answer = DEFAULT_OUTPUT_TOKENS if most is None else min(most, DEFAULT_OUTPUT_TOKENS)
         if want.prompt_tokens + answer > window:
             return Skip.CONTEXT_TOO_SMALL, (
@@ -301,6 +306,10 @@ def _verdict(skipped: Sequence[Skipped], why: str, want: Needs) -> tuple[ErrorCo
     if Skip.CONTEXT_TOO_SMALL in reasons:
         return ErrorCode.CONTEXT_TOO_LONG, (
             f"the prompt (about {want.prompt_tokens:,} tokens) and the answer fit no target's context window: {listed}"
+        )
+    if Skip.MAX_TOKENS_TOO_LARGE in reasons:
+        return ErrorCode.INVALID_REQUEST, (
+            f"max_tokens {want.max_tokens:,} is more than every target can write: {listed}"
         )
     return ErrorCode.NO_ROUTE, f"{why or 'no target can serve this request'}: {listed}"
 

@@ -230,6 +230,22 @@ def test_max_tokens_counts_against_the_window() -> None:
     assert "+ 4,000 for the answer" in s.skipped[0].detail
 
 
+def test_max_tokens_past_what_a_model_can_write_skips_it() -> None:
+    s = pick(req("long", max_tokens=20_000))  # gpt-4 writes at most 8,192; claude-haiku-4-5 64,000
+    assert chain(s) == ["anthropic:claude-haiku-4-5"]
+    assert skips(s) == [("openai:gpt-4", Skip.MAX_TOKENS_TOO_LARGE)]
+    assert s.skipped[0].detail == "max_tokens 20,000 is more than model gpt-4 can write (8,192)"
+    assert chain(pick(req("long", max_tokens=4_096))) == ["openai:gpt-4", "anthropic:claude-haiku-4-5"]
+
+
+def test_max_tokens_no_target_can_write_is_an_invalid_request() -> None:
+    s = pick(req("small", max_tokens=10_000))  # gpt-4: 8,192; gpt-3.5-turbo: 4,096
+    assert s.chain == [] and s.code is ErrorCode.INVALID_REQUEST
+    too_large = Skip.MAX_TOKENS_TOO_LARGE
+    assert skips(s) == [("openai:gpt-4", too_large), ("openai:gpt-3.5-turbo", too_large)]
+    assert s.message.startswith("max_tokens 10,000 is more than every target can write: openai:gpt-4 (")
+
+
 def test_context_too_long_when_every_window_is_too_small() -> None:
     s = pick(req("small", text="x" * 4 * 20_000))
     assert s.chain == [] and s.code is ErrorCode.CONTEXT_TOO_LONG
