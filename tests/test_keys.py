@@ -20,7 +20,7 @@ from nats.aio.client import Client as NATS
 from router.providers.fakes import FakeOpenAI
 from router.secrets import MASTER_KEYS_ENV, Sealed, SecretsError, mask, parse_master_keys
 from schemas import Done, Error
-from workers.keys import KeyRing
+from workers.keys import KeyRing, keyring_for_worker, stored_names
 
 from .conftest import fleet_config, running_fleet
 from .helpers import ask_raw, request, switchyard
@@ -162,6 +162,7 @@ async def test_set_list_rotate_and_delete(
     r = await switchyard(capsys, "keys", "list")
     assert r.code == 0 and r.out.splitlines()[-1] == "2 stored keys"
     assert global_key not in r.out and acme_key not in r.out
+    assert await stored_names(os.environ["DATABASE_URL"]) == {NAME}  # what `switchyard up` counts as keyed
 
     # Replacing a key keeps one row.
     r = await keys_set(capsys, monkeypatch, a_key(), NAME, "--account", "acme")
@@ -354,3 +355,18 @@ async def test_a_worker_process_reads_stored_keys_with_database_url_and_master_k
         finally:
             stop.set()
             await asyncio.wait_for(worker, 20)
+
+
+def test_a_worker_without_database_url_or_with_a_malformed_master_key_uses_environment_keys_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(MASTER_KEYS_ENV, master(1))
+    with structlog.testing.capture_logs() as logs:
+        assert keyring_for_worker(None) is None
+        monkeypatch.setenv(MASTER_KEYS_ENV, "1:c2VjcmV0LW1hdGVyaWFs")
+        assert keyring_for_worker("postgresql://db.invalid/x") is None
+        monkeypatch.setenv(MASTER_KEYS_ENV, master(1))
+        assert keyring_for_worker("postgresql://db.invalid/x") is not None
+    off = [e for e in logs if e["event"] == "stored_keys_off"]
+    assert len(off) == 2 and off[0]["reason"] == "DATABASE_URL is not set"
+    assert "the key is 15 bytes" in off[1]["reason"] and "c2VjcmV0LW1hdGVyaWFs" not in repr(logs)
