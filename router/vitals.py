@@ -123,7 +123,8 @@ class Vitals:
     @contextmanager
     def working(self, count: int = 1) -> Iterator[None]:
         """Count `count` items in flight for the block, and one outcome when it ends: a failure when the block
-        raises or `fail()` was called inside it (in the same task), else a success, with the block's time."""
+        raises or `fail()` was called inside it (in the same task), else a success, with the block's time.
+        A block of no items (an empty batch) is no outcome."""
         flag = [False]
         token = _failed.set(flag)
         started = self.clock()
@@ -135,7 +136,8 @@ class Vitals:
         finally:
             self.in_flight -= count
             _failed.reset(token)
-            self.record(ok, self.clock() - started)
+            if count > 0:
+                self.record(ok, self.clock() - started)
 
     def tracked(self, handle: Callable[[T], Awaitable[None]]) -> Callable[[T], Awaitable[None]]:
         """`handle` with each call counted in `working()`."""

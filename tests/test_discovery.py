@@ -325,6 +325,9 @@ async def test_working_counts_in_flight_and_a_refusal_marked_inside_it_as_a_fail
     with pytest.raises(RuntimeError), v.working():
         raise RuntimeError("boom")
     assert v.summary().ok == 2 and v.summary().count == 4
+    with v.working(0):  # an empty batch: no outcome
+        pass
+    assert v.summary().count == 4
 
 
 def _proc(role: str, pool: str | None = None, **kw: object) -> ProcessStats:

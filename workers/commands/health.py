@@ -68,7 +68,6 @@ async def health(args: argparse.Namespace) -> int:
 
     url = nats_url(args.data_dir)
     what = f"{role} of pool {args.pool}" if args.pool else role
-    what += f" on {host}" if host else ""
     try:
         nc = await connect_once(url)
     except Exception as exc:
@@ -89,5 +88,6 @@ async def health(args: argparse.Namespace) -> int:
         p = found[0]
         say(f"health: unhealthy: {what}: {p.id} on {p.host}: {p.problem}")
     else:
-        say(f"health: unhealthy: no live {what} answered within {timeout:g} s")
+        where = f" on {host}" if host else ""
+        say(f"health: unhealthy: no live {what}{where} answered within {timeout:g} s")
     return UNHEALTHY
