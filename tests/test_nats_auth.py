@@ -31,7 +31,7 @@ from workers.natsauth import AuthDir, ensure_fleet_users
 from workers.runtime import ensure_topology
 
 from .conftest import fleet_config, free_port, nats_server_binary, wait_port
-from .helpers import request
+from .helpers import request, switchyard
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
@@ -371,3 +371,38 @@ def test_the_fleets_own_processes_need_nothing_they_are_not_allowed(secure_up: U
     violations = [line for line in log.splitlines() if "Violation" in line]
     assert not [v for v in violations if any(k in v for k in services)], violations
     assert "Using configuration file" in log
+
+
+# --- `switchyard creds` for a server of one's own ------------------------------------------------------
+
+
+async def test_creds_init_and_new_producer_make_a_config_nats_server_accepts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    auth_dir = tmp_path / "auth"
+    made = await switchyard(capsys, "creds", "init", "--auth-dir", str(auth_dir), "--pools", "openai,gemini", "--json")
+    assert made.code == 0, made.err
+    roles = {(c["role"], c["name"]) for c in msgspec.json.decode(made.out)}
+    assert roles == {("admin", ""), ("dispatcher", ""), ("auditor", ""), ("worker", "openai"), ("worker", "gemini")}
+    new = await switchyard(capsys, "creds", "new-producer", "acme", "--auth-dir", str(auth_dir), "--json")
+    assert new.code == 0, new.err
+    cred = msgspec.json.decode(new.out)
+    assert cred["active"] is None and cred["inbox_prefix"] == "_INBOX.acme"  # no server of its own runs
+    assert Path(cred["seed_file"]).read_text().strip() not in new.out
+    again = await switchyard(capsys, "creds", "new-producer", "acme", "--auth-dir", str(auth_dir), "--json")
+    assert msgspec.json.decode(again.out)["new"] is False
+    assert msgspec.json.decode(again.out)["seed_file"] == cred["seed_file"]
+    checked = await asyncio.create_subprocess_exec(nats_server_binary(), "-t", "-c", str(auth_dir / "nats.conf"),
+                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await checked.communicate()
+    assert checked.returncode == 0, out
+    conf = (auth_dir / "nats.conf").read_text()
+    assert '"llm.req.*.acme"' in conf and cred["public_key"] in conf
+
+
+async def test_creds_mistakes_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = await switchyard(capsys, "creds", "list", "--auth-dir", str(tmp_path / "none"))
+    assert missing.code == 1 and missing.err.count("\n") == 1 and "switchyard up --secure" in missing.err
+    await switchyard(capsys, "creds", "init", "--auth-dir", str(tmp_path / "auth"), "--pools", "openai")
+    bad = await switchyard(capsys, "creds", "new-producer", "acme.eu", "--auth-dir", str(tmp_path / "auth"))
+    assert bad.code == 1 and bad.err.count("\n") == 1 and "account 'acme.eu'" in bad.err
