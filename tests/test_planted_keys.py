@@ -1,7 +1,7 @@
 """Planted keys appear nowhere: with keys from the environment and stored encrypted (global and one
 account's own), every error path of a real in-process fleet is driven, and every log line, every
-message on the NATS server (replies, events, work items, DLQ copies, KV writes), every audit row and
-`switchyard keys list` is searched for the keys and for their distinctive parts."""
+message on the NATS server (replies, events, work items, DLQ copies, KV writes), every audit row, every
+metric and `switchyard keys list` is searched for the keys and for their distinctive parts."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import pytest
 import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from prometheus_client import CollectorRegistry, generate_latest
 
 from router.providers import openai as openai_adapter
 from router.providers.base import Event, HttpCall
@@ -29,6 +30,7 @@ from router.providers.fakes import FakeOpenAI, Scenario
 from router.redact import _DISTINCTIVE
 from router.secrets import MASTER_KEYS_ENV, parse_master_keys
 from schemas import Done, Error, Reply, Request
+from workers import auditor, dispatcher, metrics, provider
 from workers.keys import KeyRing
 from workers.processes import api_keys
 from workers.runtime import configure_logging
@@ -168,6 +170,21 @@ async def fakes() -> AsyncIterator[dict[str, FakeOpenAI]]:
         await fake.stop()
 
 
+def record_metrics(monkeypatch: pytest.MonkeyPatch) -> list[CollectorRegistry]:
+    """The registries of every process's metrics (dispatcher, each worker, auditor) made from now on."""
+    made: list[CollectorRegistry] = []
+    for module, name in ((dispatcher, "DispatcherMetrics"), (provider, "WorkerMetrics"), (auditor, "AuditorMetrics")):
+        real = getattr(metrics, name)
+
+        def recording(*args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            made_one = _real(*args, **kwargs)
+            made.append(made_one.registry)
+            return made_one
+
+        monkeypatch.setattr(module, name, recording)
+    return made
+
+
 def authorizations(fake: FakeOpenAI) -> set[str]:
     return {v for h in fake.request_headers for k, v in h.items() if k.lower() == "authorization"}
 
@@ -178,6 +195,7 @@ async def test_planted_keys_appear_in_no_log_line_message_row_or_listing(
     logged: io.StringIO,
 ) -> None:
     crashes = Crashes()
+    registries = record_metrics(monkeypatch)
     monkeypatch.setattr(openai_adapter, "build", crashes.build(openai_adapter.build))
     monkeypatch.setattr(openai_adapter, "parse_response", crashes.parse_response(openai_adapter.parse_response))
     monkeypatch.setattr(openai_adapter, "stream_parser", crashes.stream_parser(openai_adapter.stream_parser))
@@ -249,6 +267,7 @@ async def test_planted_keys_appear_in_no_log_line_message_row_or_listing(
     assert wire.on("llm.events.completed") and wire.on("llm.dlq.work") and wire.on("llm.work.")
     assert wire.on("_INBOX.") and len(rows) == len(cases)
     assert "[redacted]" in wire.text() and "[redacted]" in log_text
+    assert len(registries) == 4 and 'code="UNAUTHORIZED"' in "".join(generate_latest(r).decode() for r in registries)
 
     haystacks: Mapping[str, str] = {
         "log lines": log_text,
@@ -257,6 +276,7 @@ async def test_planted_keys_appear_in_no_log_line_message_row_or_listing(
         "replies": msgspec.json.encode(replies).decode(),
         "audit rows": repr([dict(r) for r in rows]),
         "every audit row": repr([dict(r) for r in await db.fetch("SELECT * FROM llm_audit")]),
+        "metrics": "".join(generate_latest(r).decode() for r in registries),
     }
     for where, text in haystacks.items():
         for needle in needles():
