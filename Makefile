@@ -36,6 +36,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/bench_select.py
 	$(BIN)/python bench/bench_health.py
 	$(BIN)/python bench/bench_limits.py
+	$(BIN)/python bench/bench_metrics.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

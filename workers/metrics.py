@@ -14,12 +14,13 @@ the config's; `code` is `OK` or an error code. An account, a request id or a key
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import math
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import structlog
 from aiohttp import web
@@ -43,6 +44,8 @@ from .health import HealthView
 from .publish import now_ms
 
 log = structlog.get_logger("metrics")
+
+M = TypeVar("M", Counter, Histogram)
 
 OK = "OK"
 """The `code` of a request or attempt that succeeded."""
@@ -138,7 +141,9 @@ class _HealthCollector:
         live = GaugeMetricFamily(
             "switchyard_pool_replicas", "Workers of the pool that reported themselves live (their key reports)",
             labels=["pool"])
-        reports = [r for r, _ in self.view.pools.values.values() if r.until_ms > now] if self.replicas else []
+        # list() copies in one step: a scrape runs on a thread while the event loop changes the mirrors.
+        held = list(self.view.pools.values.values()) if self.replicas else []
+        reports = [r for r, _ in held if r.until_ms > now]
         for pool in self.pools():
             current = self.view.breaker(pool)[0].state
             for name in BREAKER_STATES:
@@ -224,6 +229,7 @@ class WorkerMetrics:
             list(_USE_CASE), registry=r)
         self._known = _Known()
         self._following = False
+        self._children: dict[tuple[int, tuple[str, ...]], Counter | Histogram] = {}
 
     def follow(self, view: HealthView, cfg: Callable[[], Config], inflight: Callable[[], int]) -> None:
         """Export the pool's in-flight items, concurrency, breaker and its provider's credit (`view` started).
@@ -249,19 +255,29 @@ class WorkerMetrics:
         """A request whose terminal reply this worker sent."""
         k = self._known
         labels = (k.use_case(cfg, work.request.use_case), self.pool, provider, k.model(cfg, work.route[0].model))
-        self.requests.labels(*labels, code).inc()
+        child = self._child
+        child(self.requests, (*labels, code)).inc()
         for kind, n in (("input", usage.input_tokens), ("output", usage.output_tokens),
                         ("cache_read", usage.cache_read_tokens), ("cache_write", usage.cache_write_tokens),
                         ("reasoning", usage.reasoning_tokens)):
             if n:
-                self.tokens.labels(*labels, kind).inc(n)
+                child(self.tokens, (*labels, kind)).inc(n)
         if code != OK:
             return
-        self.latency.labels(*labels).observe(max(0, now_ms() - work.accepted_ms) / 1000)
+        child(self.latency, labels).observe(max(0, now_ms() - work.accepted_ms) / 1000)
         if first_token_ms is not None:
-            self.ttft.labels(*labels).observe(max(0, first_token_ms - work.accepted_ms) / 1000)
+            child(self.ttft, labels).observe(max(0, first_token_ms - work.accepted_ms) / 1000)
         if cost_usd:
-            self.cost.labels(*labels).inc(cost_usd)
+            child(self.cost, labels).inc(cost_usd)
+
+    def _child(self, metric: M, labels: tuple[str, ...]) -> M:
+        """`metric.labels(*labels)`, remembered: the label sets are bounded, and the library's own lookup
+        (validation, a lock) costs several times a dict's."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return cast(M, found)
 
     def attempted(self, cfg: Config, provider: str, model: str, code: str) -> None:
         self.attempts.labels(self.pool, provider, self._known.model(cfg, model), code).inc()
@@ -367,7 +383,10 @@ async def serve_metrics(registry: CollectorRegistry, port: int, host: str = "0.0
         return
 
     async def scrape(_request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        # On a thread: a scrape of many series takes milliseconds that the event loop's requests need.
+        # The metrics are thread-safe; the collectors read the loop's state in single atomic steps.
+        body = await asyncio.to_thread(generate_latest, registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
     app.router.add_get("/metrics", scrape)
