@@ -18,7 +18,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qs, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import nats
@@ -105,30 +105,45 @@ def with_app(url: str, app: str) -> str:
 
 
 class Proxy:
-    """A TCP proxy in front of the session's PostgreSQL (its Unix socket or its TCP port). `cut()` drops
-    every connection and hangs up on each new one (counted) until `restore()`."""
+    """A TCP proxy in front of a server (a Unix socket or a TCP port). `cut()` drops every connection and
+    hangs up on each new one (counted) until `restore()`."""
 
-    def __init__(self, pg_url: str) -> None:
-        parts = urlsplit(pg_url)
-        socket_dir = parse_qs(parts.query).get("host", [""])[-1]
-        self._unix = next((str(p) for p in Path(socket_dir).glob(".s.PGSQL.*") if p.suffix != ".lock"), None) \
-            if socket_dir.startswith("/") else None
-        self._tcp = (parts.hostname or "127.0.0.1", parts.port or 5432)
-        self._parts = parts
+    def __init__(self, *, unix: str | None = None, tcp: tuple[str, int] | None = None) -> None:
+        self._unix = unix
+        self._tcp = tcp or ("127.0.0.1", 0)
+        self._pg: SplitResult | None = None
         self._server: asyncio.Server | None = None
         self._open: set[asyncio.StreamWriter] = set()
         self.down = False
         self.refused = 0
         """Connections hung up on while cut."""
+        self.held = False
+        """Connections kept open, what is sent on them dropped (see `hold()`)."""
+
+    @classmethod
+    def postgres(cls, pg_url: str) -> Proxy:
+        """In front of the session's PostgreSQL, by its Unix socket or its TCP port."""
+        parts = urlsplit(pg_url)
+        socket_dir = parse_qs(parts.query).get("host", [""])[-1]
+        unix = next((str(p) for p in Path(socket_dir).glob(".s.PGSQL.*") if p.suffix != ".lock"), None) \
+            if socket_dir.startswith("/") else None
+        proxy = cls(unix=unix, tcp=(parts.hostname or "127.0.0.1", parts.port or 5432))
+        proxy._pg = parts
+        return proxy
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
 
     @property
     def url(self) -> str:
-        assert self._server is not None
-        port = self._server.sockets[0].getsockname()[1]
-        user = self._parts.username or "postgres"
-        auth = f"{user}:{self._parts.password}" if self._parts.password else user
-        query = {k: v[-1] for k, v in parse_qs(self._parts.query).items() if k != "host"}
-        return urlunsplit(self._parts._replace(netloc=f"{auth}@127.0.0.1:{port}", query=urlencode(query)))
+        """The PostgreSQL URL through the proxy."""
+        assert self._pg is not None
+        user = self._pg.username or "postgres"
+        auth = f"{user}:{self._pg.password}" if self._pg.password else user
+        query = {k: v[-1] for k, v in parse_qs(self._pg.query).items() if k != "host"}
+        return urlunsplit(self._pg._replace(netloc=f"{auth}@127.0.0.1:{self.port}", query=urlencode(query)))
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._client, "127.0.0.1", 0)
@@ -147,6 +162,11 @@ class Proxy:
     def restore(self) -> None:
         self.down = False
 
+    def hold(self) -> None:
+        """Keep every connection open but forward nothing more, either way: to each end the other has gone
+        quiet, and what it sends is lost."""
+        self.held = True
+
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.down:
             self.refused += 1
@@ -160,12 +180,12 @@ class Proxy:
         await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True)
         self._open -= {writer, up_writer}
 
-    @staticmethod
-    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         try:
             while data := await src.read(65536):
-                dst.write(data)
-                await dst.drain()
+                if not self.held:
+                    dst.write(data)
+                    await dst.drain()
         finally:
             dst.transport.abort()
 
@@ -175,7 +195,7 @@ async def test_postgresql_unreachable_while_requests_flow(
 ) -> None:
     db = writes
     js = nc.jetstream()
-    proxy = Proxy(pg_url)
+    proxy = Proxy.postgres(pg_url)
     await proxy.start()
     ledger = await asyncpg.create_pool(proxy.url, min_size=1, max_size=4)
     sent: set[str] = set()
@@ -292,6 +312,58 @@ async def test_an_auditor_killed_mid_batch_loses_nothing_and_writes_nothing_twic
         await wait_rows(db, 400)
         await settled(js, timeout=20)
     await written_once(db, {*first, *batch})
+    assert await dlq_size(js) == 0
+
+
+async def test_an_auditor_lost_between_its_commit_and_its_acks_writes_nothing_twice(
+    nats_url: str, nc: NATS, writes: asyncpg.Pool, pg_url: str
+) -> None:
+    db = writes
+    js = nc.jetstream()
+    await ensure_topology(js, fleet_config({"openai": "http://127.0.0.1:9/v1"}))
+    quick = audit_consumer("llm")
+    quick.ack_wait = 2.0  # the events of a lost auditor come back after 2 s rather than 60
+    await js.add_consumer("LLM_EVENTS", quick)
+    server = urlsplit(nats_url)
+    proxy = Proxy(tcp=(server.hostname or "127.0.0.1", server.port or 4222))  # the lost auditor's way to NATS
+    await proxy.start()
+    app = "sy-audit-lost"
+    pool = await asyncpg.create_pool(with_app(pg_url, app), min_size=1, max_size=2)
+    conn = await nats.connect(f"nats://127.0.0.1:{proxy.port}")
+    first = {f"c-{i}" for i in range(50)}
+    lost: asyncio.Task[None] | None = None
+    try:
+        ljs = conn.jetstream()
+        async with db.acquire() as locker, locker.transaction():
+            await locker.execute("LOCK TABLE llm_audit IN SHARE MODE")
+            for rid in sorted(first):  # all in the stream before its first fetch: one batch
+                await js.publish("llm.events.completed", encode(event(rid)))
+            lost = asyncio.create_task(Auditor(ljs, Publisher(conn, ljs, "llm"), pool).serve(asyncio.Event()))
+            async with asyncio.timeout(20):  # it holds the batch, inside its insert
+                while (b := await backend(db, app)) is None or b["wait_event_type"] != "Lock":
+                    await asyncio.sleep(0.05)
+            proxy.hold()  # its acks will go nowhere
+        await wait_rows(db, 50)  # the lock is gone: it commits...
+    finally:
+        if lost is not None:  # ...and is lost before any ack reached NATS
+            lost.cancel()
+            with contextlib.suppress(BaseException):
+                await lost
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(conn.close(), 5)
+        await pool.close()
+        await proxy.stop()
+    info = await js.consumer_info("LLM_EVENTS", "audit")
+    assert info.num_ack_pending + info.num_pending == 50  # committed, yet not one acked
+
+    second = {f"c-{i}" for i in range(50, 60)}
+    async with replica(nats_url, db):  # takes the 50 again, and 10 new ones
+        for rid in sorted(second):
+            await js.publish("llm.events.completed", encode(event(rid)))
+        await wait_rows(db, 60)
+        await settled(js, timeout=20)  # the 50 came back and were acked, by this replica
+    by_app = await written_once(db, first | second)
+    assert by_app[app] == 50  # the lost auditor's commit stands; the copies wrote nothing
     assert await dlq_size(js) == 0
 
 
