@@ -18,6 +18,8 @@ from .pricing import cost_usd, target_cost_usd
 
 _PLACES = Decimal("1e-10")
 _ZERO = Decimal(0)
+_CACHED = 100_000
+"""Distinct (provider, model, tokens) prices remembered: most rows repeat a few, a long window holds many."""
 
 
 def ledger_usd(cost: float) -> Decimal:
@@ -84,8 +86,8 @@ def price_of(cfg: Config, row: Row) -> Decimal | None:
 
 
 class Repricing:
-    """Rows in, one at a time; the sums so far out. Holds one entry per distinct (provider, model, tokens)
-    priced, not the rows."""
+    """Rows in, one at a time; the sums so far out. Holds the sums per model and up to `_CACHED` prices,
+    never the rows."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -98,6 +100,8 @@ class Repricing:
         key = (row.provider, row.model, row.input_tokens, row.output_tokens, row.cache_read_tokens,
                row.cache_write_tokens, row.reasoning_tokens)
         if key not in self._prices:
+            if len(self._prices) >= _CACHED:
+                self._prices.clear()
             self._prices[key] = price_of(self.cfg, row)
         new = self._prices[key]
         totals = self._models.get((row.provider, row.model))

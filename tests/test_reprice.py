@@ -13,6 +13,7 @@ import genai_prices
 import pytest
 
 from router import config as config_mod
+from router.reprice import ledger_usd
 from tests.conftest import fleet_config, free_port
 from tests.helpers import switchyard
 
@@ -192,3 +193,10 @@ async def test_user_mistakes(
     [line] = r.err.splitlines()
     assert "cannot connect to PostgreSQL" in line and "s3cret" not in line
     assert "Traceback" not in r.err
+
+
+async def test_a_new_cost_is_compared_as_the_ledger_stores_it(db: asyncpg.Pool) -> None:
+    # What the auditor's insert makes of a float cost, and what reprice compares with: equal, halves included.
+    for cost in (0.1, 0.0075, 1 / 3, 2.5e-11, 5e-11, 1.23456789015, 0.00000000015, 12345.678901234567):
+        stored = await db.fetchval("SELECT $1::numeric(18, 10)", cost)
+        assert ledger_usd(cost) == stored, cost
