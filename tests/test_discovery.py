@@ -37,7 +37,7 @@ from .helpers import ask_raw, request, switchyard
 from .process_fleet import ProcessFleet, live, nats_server
 
 SWITCHYARD = str(Path(sys.executable).parent / "switchyard")
-BROKEN_KEY = "zz-broken-0123456789abcdefXYZ"
+BROKEN_KEY = "zz-broken-Rt5Yw8NcL2vQpM"
 """Not shaped like any known key: masked only because the worker holds it."""
 
 
@@ -51,7 +51,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def env(server: str) -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NATS_URL", server)
-        mp.setenv("SY_TEST_OPENAI_KEY", "sk-test-discovery-0123456789")
+        mp.setenv("SY_TEST_OPENAI_KEY", "sk-test-Vb3NqL8sXe2Rk")
         mp.setenv("SY_TEST_BROKEN_KEY", BROKEN_KEY)
         mp.delenv("DATABASE_URL", raising=False)
         yield

@@ -52,7 +52,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def env(server: str) -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NATS_URL", server)
-        mp.setenv(KEY_ENV, "sk-test-status-0123456789")
+        mp.setenv(KEY_ENV, "sk-test-Hq7ZtK2mPw9xJd")
         mp.delenv("DATABASE_URL", raising=False)
         yield
 
