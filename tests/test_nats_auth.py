@@ -183,6 +183,15 @@ async def test_a_producer_sends_and_reads_its_own_through_jetstream(server: Serv
     msg = await sub.next_msg(timeout=10)
     assert msg.data == b'{"n": 1}'
     assert not [e for e in c.errors if "CONSUMER.CREATE" in e]
+    # The filter in the subject is what the permission checks; the server refuses a body that asks for
+    # another one (here bravo's results), so the permission cannot be talked around.
+    sneaky = {"stream_name": "LLM_RES", "config": {
+        "name": "sneaky", "filter_subject": "llm.res.bravo.>", "deliver_subject": "_INBOX.acme.sneaky",
+        "ack_policy": "none"}}
+    answer = await acme.request("$JS.API.CONSUMER.CREATE.LLM_RES.sneaky.llm.res.acme.job.r1",
+                                msgspec.json.encode(sneaky), timeout=10)
+    error = msgspec.json.decode(answer.data).get("error")
+    assert error is not None and "filter" in error["description"], answer.data
 
 
 async def test_a_worker_cannot_publish_requests_nor_read_other_pools(server: Server, conns: list[Conn]) -> None:
