@@ -95,6 +95,10 @@ class ProviderHealth(msgspec.Struct, kw_only=True, frozen=True):
     """Not healthy: one sentence, anything like a key masked."""
     last_ok_ms: int | None = None
     """When a check last succeeded, if one did since the process started."""
+    last_error: str | None = None
+    """The last failed check's error, kept after the provider recovers (None: none failed yet)."""
+    last_error_ms: int | None = None
+    """When that check ended."""
 
 
 T = TypeVar("T")
@@ -168,9 +172,18 @@ class Vitals:
         return self.window.summary(self.clock())
 
     def check_provider(self, health: ProviderHealth) -> None:
-        """Keep the provider's latest check, with when one last succeeded."""
-        last_ok = health.checked_ms if health.healthy else (self.provider.last_ok_ms if self.provider else None)
-        self.provider = msgspec.structs.replace(health, last_ok_ms=last_ok)
+        """Keep the provider's latest check, with when one last succeeded and the last failure's error."""
+        before = self.provider
+        if health.healthy:
+            self.provider = msgspec.structs.replace(
+                health, last_ok_ms=health.checked_ms, last_error=before.last_error if before else None,
+                last_error_ms=before.last_error_ms if before else None,
+            )
+        else:
+            self.provider = msgspec.structs.replace(
+                health, last_ok_ms=before.last_ok_ms if before else None,
+                last_error=health.error or health.code, last_error_ms=health.checked_ms,
+            )
 
 
 Role = Literal["dispatcher", "worker", "auditor"]

@@ -170,7 +170,7 @@ async def test_a_failing_provider_is_unhealthy_with_its_error_masked(
     check = broken.provider_health
     assert check is not None and check.healthy is False and check.status == 400 and check.code == "INVALID_REQUEST"
     assert check.error is not None and "[redacted]" in check.error and BROKEN_KEY not in check.error
-    assert check.last_ok_ms is None and check.latency_ms is not None
+    assert check.last_ok_ms is None and check.latency_ms is not None and check.last_error == check.error
     [good] = await live(conn, "worker", 1, pool="openai", checked=True)
     assert good.provider_health is not None and good.provider_health.healthy and good.provider_health.status == 200
     # status shows it (a warning: the pool is served, only its provider check fails), and never the key.
@@ -368,11 +368,16 @@ def test_the_judgement_of_the_fleet() -> None:
     assert nothing.warnings == ["no config was pushed to this fleet: every pool with a consumer counts as routed"]
 
 
-def test_the_provider_check_keeps_when_it_last_succeeded() -> None:
+def test_the_provider_check_keeps_when_it_last_succeeded_and_its_last_error() -> None:
     v = Vitals(clock=lambda: 0)
     v.check_provider(ProviderHealth(healthy=True, checked_ms=10))
+    assert v.provider is not None and v.provider.last_error is None
     v.check_provider(ProviderHealth(healthy=False, checked_ms=20, code="PROVIDER_ERROR", error="down"))
     assert v.provider is not None and v.provider.last_ok_ms == 10 and not v.provider.healthy
+    assert (v.provider.last_error, v.provider.last_error_ms) == ("down", 20)
+    v.check_provider(ProviderHealth(healthy=True, checked_ms=30, latency_ms=5))
+    assert v.provider.healthy and v.provider.error is None and v.provider.last_ok_ms == 30
+    assert (v.provider.last_error, v.provider.last_error_ms) == ("down", 20)  # recovered, the error kept
 
 
 @pytest.mark.parametrize(("value", "error"), [
