@@ -228,7 +228,8 @@ async def _settled(http: httpx.AsyncClient, t: Traffic) -> bool:
     return (_value(auditor, "switchyard_audit_rows_written_total") >= len(t.replies)
             and _value(auditor, "switchyard_budget_alerts_total") >= 1
             and _value(dispatcher, "switchyard_breaker_open", pool="flaky") == 1
-            and _value(dispatcher, "switchyard_provider_credit_exhausted", provider="broke") == 1)
+            and _value(dispatcher, "switchyard_provider_credit_exhausted", provider="broke") == 1
+            and "switchyard_provider_check_healthy{" in await _scrape(http, t.urls["worker-openai"]))
 
 
 # --- the series after traffic ----------------------------------------------------------------------------
@@ -265,7 +266,7 @@ async def test_the_dispatcher_counts_rate_and_budget_refusals_and_hand_overs(tra
     assert v("dispatcher", "switchyard_dispatched_total", use_case="broke", pool="broke") == 1
 
 
-async def test_breakers_credit_and_replicas_as_the_processes_see_them(traffic: Traffic) -> None:
+async def test_breakers_credit_replicas_and_provider_checks_as_the_processes_see_them(traffic: Traffic) -> None:
     v = traffic.value
     assert v("dispatcher", "switchyard_breaker_state", pool="flaky", state="open") == 1
     assert v("dispatcher", "switchyard_breaker_state", pool="flaky", state="closed") == 0
@@ -280,6 +281,10 @@ async def test_breakers_credit_and_replicas_as_the_processes_see_them(traffic: T
     assert v("worker-broke", "switchyard_provider_credit_exhausted", provider="broke") == 1
     assert v("worker-openai", "switchyard_breaker_state", pool="openai", state="closed") == 1
     assert "flaky" not in traffic.scrapes["worker-openai"]
+    # The worker's periodic check of its provider (a models list, made at start).
+    assert v("worker-openai", "switchyard_provider_check_healthy", pool="openai", provider="openai") == 1
+    assert v("worker-openai", "switchyard_provider_check_latency_seconds", pool="openai") >= 0
+    assert v("worker-openai", "switchyard_provider_check_timestamp_seconds", pool="openai") > 1.7e9
 
 
 async def test_latency_ttft_tokens_cost_and_in_flight_of_a_pool(traffic: Traffic) -> None:

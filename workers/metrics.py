@@ -38,6 +38,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from router.config import Config, ConfigError
+from router.vitals import ProviderHealth
 from schemas import Usage, WorkItem
 
 from .health import HealthView
@@ -231,9 +232,13 @@ class WorkerMetrics:
         self._following = False
         self._children: dict[tuple[int, tuple[str, ...]], Counter | Histogram] = {}
 
-    def follow(self, view: HealthView, cfg: Callable[[], Config], inflight: Callable[[], int]) -> None:
-        """Export the pool's in-flight items, concurrency, breaker and its provider's credit (`view` started).
-        Once: a second call (the worker served again) changes nothing."""
+    def follow(
+        self, view: HealthView, cfg: Callable[[], Config], inflight: Callable[[], int],
+        checked: Callable[[], ProviderHealth | None] = lambda: None,
+    ) -> None:
+        """Export the pool's in-flight items, concurrency, breaker, its provider's credit (`view` started) and the
+        last periodic check of its provider (`checked`). Once: a second call (the worker served again) changes
+        nothing."""
         if self._following:
             return
         self._following = True
@@ -247,6 +252,7 @@ class WorkerMetrics:
         ))
         self.registry.register(_HealthCollector(
             view, lambda: [pool], lambda: [p] if (p := _provider(cfg(), pool)) else [], replicas=False))
+        self.registry.register(_ProviderCheck(pool, lambda: _provider(cfg(), pool), checked))
 
     def ended(
         self, cfg: Config, work: WorkItem, provider: str, code: str, usage: Usage, cost_usd: float | None,
@@ -295,6 +301,34 @@ class WorkerMetrics:
 def _provider(cfg: Config, pool: str) -> str | None:
     p = cfg.pools.get(pool)
     return p.provider if p is not None else None
+
+
+class _ProviderCheck:
+    """The worker's last periodic check of its provider (workers/discovery.py), read at scrape; nothing
+    before the first check."""
+
+    def __init__(self, pool: str, provider: Callable[[], str | None], checked: Callable[[], ProviderHealth | None]):
+        self.pool = pool
+        self.provider = provider
+        self.checked = checked
+
+    def collect(self) -> Iterator[Metric]:
+        health, provider = self.checked(), self.provider()
+        if health is None or provider is None:
+            return
+        labels = [self.pool, provider]
+        for name, text, value in (
+            ("switchyard_provider_check_healthy",
+             "1 when the worker's last periodic check of its provider (a models list) succeeded, else 0",
+             1.0 if health.healthy else 0.0),
+            ("switchyard_provider_check_latency_seconds", "How long the last periodic check of the provider took",
+             health.latency_ms / 1000 if health.latency_ms is not None else math.nan),
+            ("switchyard_provider_check_timestamp_seconds", "When the last periodic check of the provider ended",
+             health.checked_ms / 1000),
+        ):
+            g = GaugeMetricFamily(name, text, labels=["pool", "provider"])
+            g.add_metric(labels, value)
+            yield g
 
 
 class _Gauges:

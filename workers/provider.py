@@ -270,7 +270,8 @@ class PoolWorker:
         await discovery.add_health(service, self.reporter, self.pub.prefix)
         try:
             await self.health.start()
-            self.metrics.follow(self.health.view, lambda: self.cfg, lambda: len(self.heartbeat.inflight))
+            self.metrics.follow(self.health.view, lambda: self.cfg, lambda: len(self.heartbeat.inflight),
+                                lambda: self.vitals.provider)
             try:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self.heartbeat.run(stop))
@@ -435,6 +436,7 @@ class PoolWorker:
             latency_ms=now_ms() - started,
         )
         work.attempts.append(attempt)
+        self.metrics.attempted(self.cfg, self.provider_name, target.model, failure.code.value if failure else OK)
         if self.tracing.on:
             self._trace_attempt(out, failure)
         self.metrics.attempted(self.cfg, self.provider_name, target.model, failure.code.value if failure else OK)
