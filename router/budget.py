@@ -7,6 +7,8 @@ them back for messages and replies.
 A request reserves its worst case before it is forwarded: its estimated prompt tokens plus
 its `max_tokens` (else the model's output limit, else `DEFAULT_OUTPUT_TOKENS`) priced at
 the dearest target of its chain. When it ends, the reservation is settled to the real cost.
+A price from genai-prices is read for token counts rounded up (at most 1/8 more) and cached;
+the config's own prices are exact.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from schemas import BudgetLimits, Request, Target, Usage
 from .config import Config
 from .limits import AccountLimits, budget_limit
 from .models import model_info
-from .pricing import target_cost_usd
+from .pricing import cost_usd, target_cost_usd
 
 MICROS = 1_000_000
 DEFAULT_OUTPUT_TOKENS = 4_096
@@ -95,9 +97,14 @@ def reservation(cfg: Config, req: Request, chain: list[Target], prompt_tokens: i
     unpriced: list[str] = []
     for t in chain:
         provider = cfg.pools[t.pool].provider
-        out = req.max_tokens or model_info(cfg, cfg.providers[provider].format, t.model).max_output_tokens
-        cost = target_cost_usd(cfg, provider, t.model,
-                               Usage(input_tokens=prompt_tokens, output_tokens=out or DEFAULT_OUTPUT_TOKENS))
+        prov = cfg.providers[provider]
+        out = (req.max_tokens or model_info(cfg, prov.format, t.model).max_output_tokens) or DEFAULT_OUTPUT_TOKENS
+        own = cfg.models.get(t.model)
+        if prov.free or (own is not None and (own.free or own.input_usd_per_mtok is not None)):
+            cost = target_cost_usd(cfg, provider, t.model, Usage(input_tokens=prompt_tokens, output_tokens=out))
+        else:
+            cost = _catalogue_cost(prov.genai_prices_id or provider, prov.format, t.model,
+                                   _rounded_up(prompt_tokens), _rounded_up(out))
         if cost is None:
             unpriced.append(f"{t.pool}:{t.model}")
         else:
@@ -105,6 +112,22 @@ def reservation(cfg: Config, req: Request, chain: list[Target], prompt_tokens: i
     if unpriced:
         raise UnpricedTargets(unpriced)
     return to_micros(worst)
+
+
+def _rounded_up(tokens: int) -> int:
+    """`tokens` rounded up to one of 8 steps per power of two (at most 1/8 more), so that a few catalogue
+    prices, cached, cover every request: an upper bound stays an upper bound."""
+    if tokens <= 16:
+        return tokens
+    step = 1 << (tokens.bit_length() - 4)
+    return -(-tokens // step) * step
+
+
+@lru_cache(maxsize=4096)
+def _catalogue_cost(provider_id: str, fmt: str, model: str, input_tokens: int, output_tokens: int) -> float | None:
+    """genai-prices' price of a call (a few hundred µs of CPU each time, hence the cache)."""
+    return cost_usd(Usage(input_tokens=input_tokens, output_tokens=output_tokens), model, provider_id=provider_id,
+                    fmt=fmt)
 
 
 def over_limit_message(

@@ -12,7 +12,7 @@ from router import budget
 from router import config as config_mod
 from router.config import Config
 from router.limits import AccountLimits
-from schemas import Request, Target
+from schemas import Request, Target, Usage
 
 
 def _ms(text: str) -> int:
@@ -120,3 +120,21 @@ def test_micros_round_up() -> None:
     assert budget.to_micros(0.0000001) == 1
     assert budget.to_micros(1.0) == 1_000_000
     assert budget.to_micros(0.0) == 0
+
+
+def test_a_catalogue_price_is_read_for_rounded_up_tokens_never_below_the_exact_one() -> None:
+    from router.pricing import cost_usd
+
+    cfg = config_mod.from_mapping({
+        "providers": {"openai": {"format": "openai", "base_url": "http://127.0.0.1:1/v1"}},
+        "pools": {"openai": {"provider": "openai"}}, "routes": {"draft": {"default": ["openai:gpt-4o-mini"]}},
+    })
+    chain = [Target(pool="openai", model="gpt-4o-mini")]
+    for prompt, out in ((7, 100), (1_000, 4_096), (12_345, 777), (33, 65_537)):
+        req = msgspec.convert({"id": "r", "account": "a", "use_case": "draft", "reply_to": "_INBOX.x",
+                               "max_tokens": out, "messages": [{"role": "user", "content": "hi"}]}, Request)
+        exact = cost_usd(Usage(input_tokens=prompt, output_tokens=out), "gpt-4o-mini", provider_id="openai",
+                         fmt="openai")
+        assert exact is not None
+        got = budget.reservation(cfg, req, chain, prompt)
+        assert budget.to_micros(exact) <= got <= budget.to_micros(exact * 1.125) + 1
