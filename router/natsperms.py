@@ -28,6 +28,8 @@ BUCKETS = (
     "llm_budget_limits", "llm_budget_alerts",
 )
 """The fleet's KV buckets; each is the stream `KV_<bucket>`."""
+ADMIN_WRITES = ("llm_config",)
+"""Buckets the fleet's processes only read: a config push is the admin's."""
 
 
 class Permissions(msgspec.Struct, kw_only=True, frozen=True):
@@ -62,8 +64,9 @@ def _topology() -> list[str]:
     subjects += [f"{api}.CONSUMER.INFO.{s}.*" for s in ("LLM_REQ", "LLM_WORK", "LLM_EVENTS")]
     for bucket in BUCKETS:
         stream = f"KV_{bucket}"
+        if bucket not in ADMIN_WRITES:
+            subjects.append(f"$KV.{bucket}.>")
         subjects += [
-            f"$KV.{bucket}.>",
             f"{api}.CONSUMER.CREATE.{stream}", f"{api}.CONSUMER.CREATE.{stream}.>",
             f"{api}.CONSUMER.DELETE.{stream}.*", f"{api}.CONSUMER.INFO.{stream}.*",
             f"{api}.DIRECT.GET.{stream}", f"{api}.DIRECT.GET.{stream}.>", f"{api}.STREAM.MSG.GET.{stream}",

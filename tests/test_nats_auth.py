@@ -206,11 +206,13 @@ async def test_a_worker_cannot_publish_requests_nor_read_other_pools(server: Ser
     await c.refused("subscription", "llm.admin.explain")
 
 
-async def test_the_auditor_and_dispatcher_cannot_publish_requests(server: Server, conns: list[Conn]) -> None:
-    for role in ("auditor", "dispatcher"):
-        nc, c = await _conn(conns, server, role)
-        await nc.publish("llm.req.draft.acme", b"{}")
-        await c.refused("publish", "llm.req.draft.acme")
+async def test_the_fleets_processes_cannot_publish_requests_nor_push_a_config(server: Server,
+                                                                              conns: list[Conn]) -> None:
+    for role, name in (("auditor", ""), ("dispatcher", ""), ("worker", "openai")):
+        nc, c = await _conn(conns, server, role, name)
+        for subject in ("llm.req.draft.acme", "$KV.llm_config.config"):
+            await nc.publish(subject, b"{}")
+            await c.refused("publish", subject)
 
 
 def test_seeds_and_the_server_config_are_private_files(server: Server) -> None:
