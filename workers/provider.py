@@ -439,7 +439,6 @@ class PoolWorker:
         self.metrics.attempted(self.cfg, self.provider_name, target.model, failure.code.value if failure else OK)
         if self.tracing.on:
             self._trace_attempt(out, failure)
-        self.metrics.attempted(self.cfg, self.provider_name, target.model, failure.code.value if failure else OK)
         self.vitals.record(failure is None, attempt.latency_ms or 0)
         if failure is None:
             out.cost_usd = self._cost(target.model, out.usage)
