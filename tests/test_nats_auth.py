@@ -153,7 +153,7 @@ async def test_a_producer_cannot_read_what_is_not_its_own(server: Server, conns:
 
 @pytest.mark.parametrize("subject", [
     "llm.admin.explain", "llm.admin.providers.test.openai", "$SRV.PING", "$SRV.INFO.switchyard",
-    "$KV.llm_breakers.openai", "$KV.llm_config.config",
+    "$KV.llm_breakers.openai", "$KV.llm_config.config", "llm.budget.acme.2026-11.used",
     "llm.work.openai", "llm.events.completed", "llm.dlq.dispatch", "llm.res.bravo.job.1",
     # JetStream: an unfiltered consumer would read any account's results; no stream changes, no reads
     "$JS.API.CONSUMER.CREATE.LLM_RES", "$JS.API.CONSUMER.CREATE.LLM_RES.x.llm.res.bravo.>",
