@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -42,9 +43,27 @@ from workers.runtime import ensure_topology
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on now, for a server a test starts.
+
+    Under pytest-xdist each worker takes its ports from a range of its own, below the kernel's
+    ephemeral ports: two workers asking at once, or a process that binds port 0 meanwhile, can then
+    never be handed the same port between this check and the server's bind.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...
+    if not (worker.startswith("gw") and worker[2:].isdigit()):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+    low = 12_000 + int(worker[2:]) % 8 * 2_500
+    for _ in range(200):
+        port = random.randrange(low, low + 2_500)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {low}..{low + 2_500}")
 
 
 def nats_server_binary() -> str:
@@ -74,6 +93,8 @@ def nats_url(tmp_path: Path) -> Iterator[str]:
     )
     try:
         wait_port(port)
+        if proc.poll() is not None:  # it could not bind: what answers there is not ours
+            raise RuntimeError(f"nats-server on port {port} exited with {proc.returncode}")
         yield f"nats://127.0.0.1:{port}"
     finally:
         proc.terminate()
