@@ -178,12 +178,12 @@ async def test_user_mistakes(
 ) -> None:
     monkeypatch.setenv("DATABASE_URL", pg_url)
     r = await switchyard(capsys, "reprice", "--since", "30 days")
-    assert (r.code, r.out) == (2, "")
+    assert (r.code, r.out) == (1, "")
     assert r.err.splitlines() == ["switchyard: reprice: --since '30 days' is not a duration like 30m, 12h, 7d or 4w"]
 
     missing = tmp_path / "nowhere.toml"
     r = await switchyard(capsys, "reprice", "--config", str(missing))
-    assert (r.code, r.out) == (2, "")
+    assert (r.code, r.out) == (1, "")
     assert r.err.splitlines() == [f"switchyard: reprice: --config {missing}: no such file"]
 
     url = f"postgresql://auditor:s3cret@127.0.0.1:{free_port()}/ledger"

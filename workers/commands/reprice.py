@@ -25,11 +25,8 @@ from router.config import Config, ConfigError
 from router.reprice import Repricing, Row, Summary
 
 from .accounts import database, routing_config
-from .fleet import OK, say
+from .fleet import OK, REFUSED, say
 from .report import parse_since
-
-USAGE = 2
-"""A user's mistake: a bad argument or config, said in one line."""
 
 _CHUNK = 5_000
 
@@ -92,12 +89,12 @@ async def reprice_command(args: argparse.Namespace) -> int:
     since = parse_since(args.since)
     if since is None:
         say(f"reprice: --since {args.since[:50]!r} is not a duration like 30m, 12h, 7d or 4w")
-        return USAGE
+        return REFUSED
     try:
         cfg, where = routing_config(args.config, args.data_dir)
     except ConfigError as exc:
         say(f"reprice: {exc}")
-        return USAGE
+        return REFUSED
     async with database(args.data_dir) as conn:
         summary, written = await reprice(conn, cfg, since, apply=args.apply)
     out = _outcome(summary, args.since, where, written)
