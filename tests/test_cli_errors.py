@@ -79,6 +79,15 @@ def test_up_checks_a_given_database_before_starting_anything(tmp_path: Path) -> 
     assert not (tmp_path / "nats").exists() and not (tmp_path / "state.json").exists()
 
 
+def test_up_checks_the_otel_variables_before_starting_anything(tmp_path: Path) -> None:
+    out = switchyard("up", "--data-dir", str(tmp_path), OTEL_TRACES_EXPORTER="zipkin")
+    line = one_line(out)
+    assert out.returncode == 1
+    assert line == ("switchyard: OTEL_TRACES_EXPORTER: 'zipkin' is not an exporter of this build"
+                    " (use otlp, console, none)")
+    assert not (tmp_path / "nats").exists() and not (tmp_path / "state.json").exists()
+
+
 # --- 2. NATS that holds no fleet -----------------------------------------------------------------
 
 

@@ -44,8 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     for noun in (ask, status, dlq, config_noun, accounts, explain, providers, budget, report, reprice, keys):
         noun.register(sub)
     breaker_noun.register(sub)
-    creds_noun.register(sub)
     health_noun.register(sub)
+    creds_noun.register(sub)
     return p
 
 
@@ -65,7 +65,11 @@ def _serve(args: argparse.Namespace) -> None:
     """Run `up` or one fleet process. Raises ConfigError; exits with one line when PostgreSQL is unusable."""
     cfg = processes.load_config(args.config)  # `up` loads it again; checked first all the same
     if args.command == "up":
+        from .tracing import from_env as tracing_from_env
         from .up import default_data_dir, up
+
+        # A bad OTEL_* variable is said once here, rather than by every child in a restart loop.
+        tracing_from_env(os.environ, "switchyard").shutdown()
 
         if os.environ.get("DATABASE_URL"):
             _require_database(os.environ["DATABASE_URL"])
