@@ -21,12 +21,13 @@ reaches `llm.work.<pool>` (100 accounts, limits that admit everything): closed l
 - `unlimited`: both there, the config says `"unlimited"` for the rate and both budgets (the off switch);
 - `rate`: the rate's compare-and-set only; `budget`: the budget's reservation only;
 - `both`: both, in flight together (workers/limits.py, as shipped);
-- `both, one after the other`: both, the rate awaited before the reservation (as before the change),
+- `both in turn`: both, the rate awaited before the reservation (as before the change),
   for comparison.
 
 No worker runs, so reservations are never settled: the budget is large enough not to matter.
 
     .venv/bin/python bench/bench_limits.py [--n 2000] [--seconds 5] [--rounds 2] [--dispatcher-only]
+        [--modes off,unlimited,rate,budget,both,"both in turn"]
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ async def _mechanisms(url: str, n: int) -> list[str]:
     return rows
 
 
-MODES = ("off", "unlimited", "rate", "budget", "both", "both, one after the other")
+MODES = ("off", "unlimited", "rate", "budget", "both", "both in turn")
 
 
 def _config(mode: str) -> config_mod.Config:
@@ -203,7 +204,7 @@ async def _dispatcher(url: str, mode: str, seconds: float) -> tuple[str, str]:
     rates = await RateLimiter.open(djs) if mode in ("unlimited", "rate") or mode.startswith("both") else None
     budgets = await Budgets.open(djs, "llm") if mode in ("unlimited", "budget") or mode.startswith("both") else None
     shipped = limits.admit
-    if mode == "both, one after the other":
+    if mode == "both in turn":
         limits.admit = _one_after_the_other
     stop = asyncio.Event()
     disp = Dispatcher(djs, Publisher(dnc, djs, "llm"), cfg, rates=rates, budgets=budgets)
@@ -270,7 +271,7 @@ async def _dispatcher(url: str, mode: str, seconds: float) -> tuple[str, str]:
     return sat, slow
 
 
-async def main(n: int, seconds: float, rounds: int, dispatcher_only: bool) -> None:
+async def main(n: int, seconds: float, rounds: int, dispatcher_only: bool, modes: list[str]) -> None:
     url, proc = start_nats()
     try:
         if not dispatcher_only:
@@ -282,7 +283,7 @@ async def main(n: int, seconds: float, rounds: int, dispatcher_only: bool) -> No
         print("| dispatcher limits | saturation (64 in flight) | 100 req/s open loop |")
         print("|---|---|---|")
         for rnd in range(rounds):  # interleaved, so a burst of load from elsewhere does not hit one mode only
-            for mode in MODES:
+            for mode in modes:
                 sat, slow = await _dispatcher(url, mode, seconds)
                 print(f"| {mode} (round {rnd + 1}) | {sat} | {slow} |", flush=True)
     finally:
@@ -298,6 +299,10 @@ if __name__ == "__main__":
     p.add_argument("--seconds", type=float, default=5.0, help="seconds per dispatcher cell (default 5)")
     p.add_argument("--rounds", type=int, default=2, help="rounds of the dispatcher's modes (default 2)")
     p.add_argument("--dispatcher-only", action="store_true", help="skip the mechanisms' table")
+    p.add_argument("--modes", default=",".join(MODES), help="the dispatcher's modes, comma-separated (default: all)")
     a = p.parse_args()
+    chosen = [m.strip() for m in a.modes.split(",") if m.strip()]
+    if not chosen or any(m not in MODES for m in chosen):
+        p.error(f"--modes: choose among {', '.join(MODES)}")
     configure_logging("error")
-    uvloop.run(main(a.n, a.seconds, a.rounds, a.dispatcher_only))
+    uvloop.run(main(a.n, a.seconds, a.rounds, a.dispatcher_only, chosen))
