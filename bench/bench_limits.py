@@ -27,7 +27,10 @@ reaches `llm.work.<pool>` (100 accounts, limits that admit everything): closed l
 No worker runs, so reservations are never settled: the budget is large enough not to matter.
 
     .venv/bin/python bench/bench_limits.py [--n 2000] [--seconds 5] [--rounds 2] [--dispatcher-only]
-        [--modes off,unlimited,rate,budget,both,"both in turn"]
+        [--modes off,unlimited,rate,budget,both,"both in turn"] [--probe]
+
+`--probe`: only round trips on one connection paced at 100/s (a compare-and-set, increments, a
+reservation, alone and two at once), to see which overlap.
 """
 
 from __future__ import annotations
@@ -54,8 +57,8 @@ from router import config as config_mod
 from router.config import RateLimit
 from router.limits import AccountLimits
 from router.ratelimit import per_second
-from router.routing import Selection
-from schemas import Request, decode_work
+from router.routing import Selection, Source
+from schemas import Request, Target, decode_work
 from workers import limits
 from workers.budget import Budgets
 from workers.dispatcher import Dispatcher
@@ -271,15 +274,82 @@ async def _dispatcher(url: str, mode: str, seconds: float) -> tuple[str, str]:
     return sat, slow
 
 
-async def main(n: int, seconds: float, rounds: int, dispatcher_only: bool, modes: list[str]) -> None:
+async def _probe(url: str, rounds: int) -> list[str]:
+    """Round trips on one connection, paced at 100/s (300 of each, p50 and p90): what overlaps with what."""
+    cfg = _config("both")
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    await ensure_topology(js, cfg)
+    rates, budgets = await RateLimiter.open(js), await Budgets.open(js, "llm")
+    rate = cfg.limits.default.rate
+    selection = Selection(chain=[Target(pool="openai", model="gpt-4o-mini")], skipped=[], source=Source.DEFAULT_ROUTE,
+                          prompt_tokens=7)
+
+    def req(i: int) -> Request:
+        return msgspec.convert({"id": uuid.uuid4().hex, "account": f"p{i % 100}", "use_case": "draft",
+                                "reply_to": "_INBOX.x", "max_tokens": 100,
+                                "messages": [{"role": "user", "content": "hi"}]}, Request)
+
+    async def cas(r: Request) -> None:
+        await rates.decide(r.account, rate, now_us())
+
+    async def reserve(r: Request) -> None:
+        await budgets.reserve(cfg, r, selection, int(time.time() * 1000))
+
+    async def incr(_r: Request) -> None:
+        await js.publish("llm.budget.probe.d1.used", b"", headers={"Nats-Incr": "1", "Nats-Msg-Id": uuid.uuid4().hex})
+
+    async def together(*steps: Callable[[Request], Awaitable[None]], r: Request) -> None:
+        await asyncio.gather(*(step(r if k == 0 else req(k + 7)) for k, step in enumerate(steps)))
+
+    cases: dict[str, Callable[[Request], Awaitable[None]]] = {
+        "compare-and-set": cas,
+        "two compare-and-sets at once": lambda r: together(cas, cas, r=r),
+        "one increment": incr,
+        "two increments at once": lambda r: together(incr, incr, r=r),
+        "a compare-and-set and an increment at once": lambda r: together(cas, incr, r=r),
+        "reservation (two increments at once)": reserve,
+        "compare-and-set and reservation at once": lambda r: together(cas, reserve, r=r),
+        "compare-and-set, then reservation": lambda r: _in_turn(cas, reserve, r),
+    }
+    rows = []
+    for rnd in range(rounds):
+        for name, case in cases.items():
+            lat = []
+            t0 = time.perf_counter()
+            for i in range(300):
+                await asyncio.sleep(max(0.0, t0 + i / 100 - time.perf_counter()))
+                r = req(i)
+                t = time.perf_counter()
+                await case(r)
+                lat.append((time.perf_counter() - t) * 1000)
+            lat.sort()
+            rows.append(f"| {name} (round {rnd + 1}) | {lat[150]:.3f} | {lat[270]:.3f} |")
+    await nc.close()
+    return rows
+
+
+async def _in_turn(first: Callable[[Request], Awaitable[None]], second: Callable[[Request], Awaitable[None]],
+                   r: Request) -> None:
+    await first(r)
+    await second(r)
+
+
+async def main(n: int, seconds: float, rounds: int, dispatcher_only: bool, modes: list[str], probe: bool) -> None:
     url, proc = start_nats()
     try:
-        if not dispatcher_only:
+        if not dispatcher_only and not probe:
             print("| mechanism | case | admissions/s | p50 ms | p99 ms | exactness | CAS conflicts |")
             print("|---|---|--:|--:|--:|---|--:|")
             for row in await _mechanisms(url, n):
                 print(row, flush=True)
             print()
+        if probe:
+            print("| round trips at 100/s, one connection | p50 ms | p90 ms |")
+            print("|---|--:|--:|")
+            for row in await _probe(url, rounds):
+                print(row, flush=True)
+            return
         print("| dispatcher limits | saturation (64 in flight) | 100 req/s open loop |")
         print("|---|---|---|")
         for rnd in range(rounds):  # interleaved, so a burst of load from elsewhere does not hit one mode only
@@ -300,9 +370,11 @@ if __name__ == "__main__":
     p.add_argument("--rounds", type=int, default=2, help="rounds of the dispatcher's modes (default 2)")
     p.add_argument("--dispatcher-only", action="store_true", help="skip the mechanisms' table")
     p.add_argument("--modes", default=",".join(MODES), help="the dispatcher's modes, comma-separated (default: all)")
+    p.add_argument("--probe", action="store_true",
+                   help="only the overlap probe: which round trips overlap when in flight together")
     a = p.parse_args()
     chosen = [m.strip() for m in a.modes.split(",") if m.strip()]
     if not chosen or any(m not in MODES for m in chosen):
         p.error(f"--modes: choose among {', '.join(MODES)}")
     configure_logging("error")
-    uvloop.run(main(a.n, a.seconds, a.rounds, a.dispatcher_only, chosen))
+    uvloop.run(main(a.n, a.seconds, a.rounds, a.dispatcher_only, chosen, a.probe))
