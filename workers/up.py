@@ -291,8 +291,9 @@ async def up(
     cfg = load_config(config_path)
     for target in pricing.unpriced_targets(cfg):
         model = target.partition(":")[2]
-        say(f"no price for {target}: a budget cannot count its cost, so requests whose route includes it are refused"
-            f' BUDGET_EXCEEDED; give [models."{model}"] input_usd_per_mtok and output_usd_per_mtok, or free = true')
+        say(f"no price for {target}: a budget cannot count its cost, so requests of accounts with a budget whose route"
+            f' includes it are refused BUDGET_EXCEEDED; give [models."{model}"] input_usd_per_mtok and'
+            " output_usd_per_mtok, or free = true")
     children: list[_Child] = []
     pg_server: Any = None
     demo: FakeOpenAI | None = None
