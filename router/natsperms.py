@@ -9,8 +9,14 @@ Roles:
 - `producer` of one account: publishes `<prefix>.req.*.<account>` only, and reads only its own
   inboxes (`_INBOX.<account>.>`, which its connection must use as inbox prefix) and its own
   durable results (`<prefix>.res.<account>.>`).
-- `dispatcher`, `worker` (one per pool) and `auditor`: what the fleet's own processes need.
-- `admin`: everything (the operator's CLI, `switchyard up` itself, admin subjects, `$SRV`).
+- `dispatcher`, `worker` (one per pool) and `auditor`: what the fleet's own processes need, and of
+  the fleet's shared state (KV keys, budget counters) only the keys each role writes for its own
+  work (`kv_writes`, `budget_writes`): a worker of pool P writes pool P's breaker, rate state and key
+  reports, never another pool's; the dispatcher writes no breaker, credit or key report; the
+  auditor writes no KV key and no budget counter.
+- `admin`: everything (the operator's CLI, `switchyard up` itself, admin subjects, `$SRV`); the
+  only credential that may write `llm_config` (config push), any pool's breaker (breaker reset),
+  or change a bucket's or stream's stored configuration beyond what `ensure_topology` does.
 """
 
 from __future__ import annotations
@@ -28,8 +34,6 @@ BUCKETS = (
     "llm_budget_limits", "llm_budget_alerts",
 )
 """The fleet's KV buckets; each is the stream `KV_<bucket>`."""
-ADMIN_WRITES = ("llm_config",)
-"""Buckets the fleet's processes only read: a config push is the admin's."""
 
 
 class Permissions(msgspec.Struct, kw_only=True, frozen=True):
@@ -53,19 +57,61 @@ def inbox_prefix(account: str) -> str:
     return f"_INBOX.{account}"
 
 
+def kv_writes(user: User) -> tuple[str, ...]:
+    """The KV keys (as `$KV.<bucket>.<key>` subjects) a fleet process of `user`'s role writes for its own
+    work: a put, a compare-and-set, a create and a delete are all publishes there. Keys are those of
+    workers/ratelimits.py, health.py, progress.py and budget.py."""
+    match user.role:
+        case "dispatcher":
+            # account rate states (`a.<account>`) and held requests (`h.<stream seq>`), for every account
+            return ("$KV.llm_rates.a.*", "$KV.llm_rates.h.*")
+        case "worker":
+            pool = user.name
+            return (
+                f"$KV.llm_breakers.{pool}",  # its own pool's breaker (compare-and-set, probe slots)
+                f"$KV.llm_pools.{pool}.*",  # its key reports, `<pool>.<worker>`
+                f"$KV.llm_rates.pool.{pool}",  # its pool's own rate limit towards the provider
+                # the credential is per pool and the pool's provider may change with a config push, so
+                # any provider's credit mark (a key per provider, shared by every pool of it)
+                "$KV.llm_credit.*",
+                # how far each stream got (`<hash of account and id>`) and held items (`hold.<seq>`):
+                # a work item handed over from another pool continues there, so not per pool
+                "$KV.llm_streams.>",
+                # budget alerts raised once per `<account>.<period>.<pct>`, for any account it settles
+                "$KV.llm_budget_alerts.>",
+            )
+        case _:
+            return ()
+
+
+def budget_writes(user: User, prefix: str = "llm") -> tuple[str, ...]:
+    """The budget counters (`<prefix>.budget.<account>.<period>.<kind>`) a fleet process increments: the
+    dispatcher reserves and releases on `used`, a worker settles `used` and adds to `spent`, for any
+    account (a request of any account may come to it)."""
+    match user.role:
+        case "dispatcher":
+            return (f"{prefix}.budget.*.*.used",)
+        case "worker":
+            return (f"{prefix}.budget.*.*.used", f"{prefix}.budget.*.*.spent")
+        case _:
+            return ()
+
+
 def _topology() -> list[str]:
-    """Every fleet process creates or updates the streams, consumers and buckets it finds missing at
-    start (workers/runtime.py `ensure_topology`), and follows KV buckets with ordered consumers."""
+    """Every fleet process creates or updates the fleet's streams and consumers at start (workers/runtime.py
+    `ensure_topology`), creates the KV buckets it finds missing (never updates one: nats-py's KV creates a
+    bucket's stream, and the stream's limits are what keep its keys), and follows buckets with ordered
+    consumers. Writing a key is `kv_writes`'."""
     api = "$JS.API"
     subjects = [f"{api}.INFO", f"{api}.STREAM.NAMES"]
-    for stream in (*STREAMS, *(f"KV_{b}" for b in BUCKETS)):
+    for stream in STREAMS:
         subjects += [f"{api}.STREAM.INFO.{stream}", f"{api}.STREAM.CREATE.{stream}", f"{api}.STREAM.UPDATE.{stream}"]
+    for stream in (f"KV_{b}" for b in BUCKETS):
+        subjects += [f"{api}.STREAM.INFO.{stream}", f"{api}.STREAM.CREATE.{stream}"]
     subjects += [f"{api}.CONSUMER.DURABLE.CREATE.{s}.*" for s in ("LLM_REQ", "LLM_WORK", "LLM_EVENTS")]
     subjects += [f"{api}.CONSUMER.INFO.{s}.*" for s in ("LLM_REQ", "LLM_WORK", "LLM_EVENTS")]
     for bucket in BUCKETS:
         stream = f"KV_{bucket}"
-        if bucket not in ADMIN_WRITES:
-            subjects.append(f"$KV.{bucket}.>")
         subjects += [
             f"{api}.CONSUMER.CREATE.{stream}", f"{api}.CONSUMER.CREATE.{stream}.>",
             f"{api}.CONSUMER.DELETE.{stream}.*", f"{api}.CONSUMER.INFO.{stream}.*",
@@ -75,13 +121,15 @@ def _topology() -> list[str]:
     return subjects
 
 
-def _service(prefix: str) -> list[str]:
+def _service(user: User, prefix: str) -> list[str]:
     """What the dispatcher, the workers and the auditor all publish: replies (to inboxes and
-    `<prefix>.res.>`), events, alerts, dead letters and budget counters."""
+    `<prefix>.res.>`), events, alerts and dead letters; and what their role writes of the shared
+    state: its KV keys and budget counters, whose stored totals it reads back."""
     return [
         *_topology(),
         "_INBOX.>", f"{prefix}.res.>", f"{prefix}.events.>", f"{prefix}.alerts.>", f"{prefix}.dlq.>",
-        f"{prefix}.budget.>", "$JS.API.DIRECT.GET.LLM_BUDGET", "$JS.API.DIRECT.GET.LLM_BUDGET.>",
+        *kv_writes(user), *budget_writes(user, prefix),
+        "$JS.API.DIRECT.GET.LLM_BUDGET", "$JS.API.DIRECT.GET.LLM_BUDGET.>",
     ]
 
 
@@ -104,7 +152,7 @@ def permissions(user: User, prefix: str = "llm") -> Permissions | None:
         case "dispatcher":
             return Permissions(
                 publish=(
-                    *_service(prefix),
+                    *_service(user, prefix),
                     "$JS.API.CONSUMER.MSG.NEXT.LLM_REQ.dispatch", "$JS.ACK.LLM_REQ.dispatch.>",
                     f"{prefix}.work.*",
                 ),
@@ -115,7 +163,7 @@ def permissions(user: User, prefix: str = "llm") -> Permissions | None:
             consumer = f"pool-{user.name}"
             return Permissions(
                 publish=(
-                    *_service(prefix),
+                    *_service(user, prefix),
                     f"$JS.API.CONSUMER.MSG.NEXT.LLM_WORK.{consumer}", f"$JS.ACK.LLM_WORK.{consumer}.>",
                     # a provider's 429 pauses the pool's consumer
                     f"$JS.API.CONSUMER.PAUSE.LLM_WORK.{consumer}",
@@ -127,7 +175,7 @@ def permissions(user: User, prefix: str = "llm") -> Permissions | None:
             )
         case "auditor":
             return Permissions(
-                publish=(*_service(prefix), "$JS.API.CONSUMER.MSG.NEXT.LLM_EVENTS.audit",
+                publish=(*_service(user, prefix), "$JS.API.CONSUMER.MSG.NEXT.LLM_EVENTS.audit",
                          "$JS.ACK.LLM_EVENTS.audit.>"),
                 subscribe=("_INBOX.>", f"{prefix}.admin.health.auditor", "$SRV.>"),
             )

@@ -20,14 +20,29 @@ from typing import Any, NamedTuple
 
 import msgspec
 import nats
+import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import api
+from nats.js.errors import KeyNotFoundError
 
+from router import breaker
+from router import budget as policy
+from router import config as config_mod
+from router.breaker import CLOSED, BreakerState, Ticket, Verdict
+from router.config import BreakerPolicy, Config, RateLimit
 from router.natsperms import inbox_prefix
-from schemas import Done, Error, decode_reply
+from router.routing import Selection, Source
+from schemas import Done, Error, Request, Target, WorkItem, decode_reply
+from workers.budget import Budgets, counter
+from workers.budget import subject as budget_subject
+from workers.health import HealthView, PoolHealth, reset_breaker
 from workers.natsauth import AuthDir, ensure_fleet_users
+from workers.progress import Progress
+from workers.progress import ensure_bucket as progress_bucket
+from workers.publish import now_ms
+from workers.ratelimits import RateLimiter, now_us
 from workers.runtime import ensure_topology
 
 from .conftest import fleet_config, free_port, nats_server_binary, wait_port
@@ -45,10 +60,10 @@ class Server(NamedTuple):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A nats-server with JetStream started from the shipped deploy/nats/switchyard.conf, whose generated
-    users are the fleet's and two producers, acme and bravo."""
+    users are the fleet's (with pools openai and anthropic) and two producers, acme and bravo."""
     tmp = tmp_path_factory.mktemp("natsauth")
     auth = AuthDir(tmp / "auth")
-    ensure_fleet_users(auth, ["openai"], "acme")
+    ensure_fleet_users(auth, ["openai", "anthropic"], "acme")
     auth.add("producer", "bravo")
     auth.write_server_config("llm")
     conf = tmp / "switchyard.conf"  # beside auth/, which it includes; listen and store are given below
@@ -111,7 +126,8 @@ async def _conn(conns: list[Conn], server: Server, role: Any, name: str = "") ->
 async def _seen_before_marker(watcher: NATS, publisher: NATS, subjects: list[str], marker: str) -> list[str]:
     """Publish on `subjects`, then on `marker`, from one connection; return which of `subjects` the
     watcher (subscribed to everything they could reach) received before the marker. NATS keeps one
-    publisher's order, so anything delivered arrives before the marker does."""
+    publisher's order, so anything delivered arrives before the marker does. Each publish is flushed on
+    its own: nats-server sometimes drops a publish that comes in the same read as a refused one."""
     got: list[str] = []
     done = asyncio.Event()
 
@@ -125,6 +141,7 @@ async def _seen_before_marker(watcher: NATS, publisher: NATS, subjects: list[str
     await watcher.flush()
     for s in subjects:
         await publisher.publish(s, b"{}")
+        await publisher.flush()
     await publisher.publish(marker, b"{}")
     await publisher.flush()
     await asyncio.wait_for(done.wait(), 10)
@@ -225,6 +242,196 @@ def test_seeds_and_the_server_config_are_private_files(server: Server) -> None:
     for u in server.auth.users():  # public keys in the config, never a seed
         assert u.public_key in conf
         assert server.auth.seed_file(u.role, u.name).read_text().strip() not in conf
+
+
+# --- the fleet's own credentials: each writes its own part of the shared state, no more -----------------
+
+
+def _metered_config() -> Config:
+    """Pools openai and anthropic, a priced model, and a daily budget of $1 on every account (alert at 80 %)."""
+    raw = msgspec.to_builtins(fleet_config({"openai": "http://127.0.0.1:9/v1", "anthropic": "http://127.0.0.1:9"}))
+    raw["models"] = {"metered": {"input_usd_per_mtok": 1000.0, "output_usd_per_mtok": 1000.0}}
+    raw["routes"]["draft"] = {"default": ["openai:metered"]}
+    raw["limits"] = {"default": {"rate": {"per_second": 1000, "burst": 1000},
+                                 "budget": {"daily_usd": 1.0, "monthly_usd": 1000.0, "alert_at": 0.8}}}
+    return config_mod.from_mapping(raw)
+
+
+def _request(request_id: str) -> Request:
+    return msgspec.convert({"id": request_id, "account": "acme", "use_case": "draft", "reply_to": "_INBOX.acme.x",
+                            "messages": [{"role": "user", "content": "Tell me about budgets."}],
+                            "max_tokens": 100}, Request)
+
+
+async def _pool_health(nc: NATS, pool: str, timeout: float = 5.0) -> PoolHealth:
+    health = PoolHealth(HealthView(nc.jetstream(timeout=timeout)), pool=pool, policy=BreakerPolicy(failures=2),
+                        provider=pool, credit_cooldown_ms=60_000, has_key=True)
+    await health.start()
+    return health
+
+
+async def _breaker(nc: NATS, pool: str) -> BreakerState:
+    """The pool's stored breaker, read by key (a watch's end of replay may come before its entries)."""
+    try:
+        entry = await (await nc.jetstream().key_value("llm_breakers")).get(pool)
+    except KeyNotFoundError:
+        return CLOSED
+    return breaker.decode(entry.value or b"")
+
+
+async def test_each_fleet_role_does_its_own_work_on_the_shared_state_unrefused(server: Server,
+                                                                               conns: list[Conn]) -> None:
+    """The code paths of workers/ that write KV keys and budget counters, each under its role's credential:
+    none is refused, and what they wrote is there (read back with the admin's)."""
+    cfg = _metered_config()
+    admin, _ = await _conn(conns, server, "admin")
+    await ensure_topology(admin.jetstream(), cfg)
+    dispatcher, d = await _conn(conns, server, "dispatcher")
+    worker, w = await _conn(conns, server, "worker", "openai")
+    auditor, a = await _conn(conns, server, "auditor")
+    for nc in (dispatcher, worker, auditor):  # every process checks the topology at start
+        await ensure_topology(nc.jetstream(), cfg)
+
+    # The dispatcher: the health view, an account's rate state, a held request, a reservation and a release.
+    djs = dispatcher.jetstream()
+    view = HealthView(djs)
+    await view.start()
+    decision = await (await RateLimiter.open(djs)).decide("acme", RateLimit(per_second=10, burst=5), now_us())
+    assert decision.admitted
+    await djs.publish("$KV.llm_rates.h.1", b"[1,0]")  # what RateLimiter._hold writes for stream sequence 1
+    req = _request(f"r{uuid.uuid4().hex}")
+    chain = [Target(pool="openai", model="metered")]
+    selection = Selection(chain=chain, skipped=[], source=Source.DEFAULT_ROUTE, prompt_tokens=10)
+    published = now_ms()
+    reserving = await Budgets.open(djs, "llm")
+    reserved = await reserving.reserve(cfg, req, selection, published)
+    assert reserved > 0
+    refused = msgspec.structs.replace(req, id=f"r{uuid.uuid4().hex}")
+    await reserving.release(cfg, refused, published, await reserving.reserve(cfg, refused, selection, published))
+
+    # The worker of pool openai: its key report, its breaker opened by compare-and-set, its provider's
+    # credit, its pool's rate state, a stream's progress and a held item, a settlement crossing 80 %.
+    health = await _pool_health(worker, "openai")
+    for _ in range(2):
+        await health.record(Ticket(None, 0), Verdict.FAILURE)
+    await health.out_of_credit()
+    wjs = worker.jetstream()
+    assert (await (await RateLimiter.open(wjs)).decide_pool("openai", RateLimit(per_second=10, burst=5))).admitted
+    progress = Progress(worker, await progress_bucket(wjs))
+    await progress.started("acme", req.id)
+    await progress.count_hold(1)
+    await progress.finished("acme", req.id)
+    await progress.keep_event("acme", req.id, b"{}")
+    settling = await Budgets.open(wjs, "llm")
+    await settling.settle(cfg, WorkItem(request=req, route=chain, accepted_ms=published, reserved_usd=reserved),
+                          0.9, failed=False)
+    await health.stop()  # its key report is deleted
+    await view.stop()
+
+    for nc in (dispatcher, worker, auditor):
+        await nc.flush()  # the server's refusals come before the answer to the flush
+    assert not d.errors and not w.errors and not a.errors, (d.errors, w.errors, a.errors)
+    ajs = admin.jetstream()
+    day = policy.periods(published, cfg.limits.timezone).of("day")
+    assert await counter(ajs, budget_subject("llm", "acme", day, "spent")) == 900_000
+    assert await counter(ajs, budget_subject("llm", "acme", day, "used")) == 900_000  # the release gave all back
+    await (await ajs.key_value("llm_budget_alerts")).get(f"acme.{day}.80")  # the alert was raised, once
+    assert (await _breaker(admin, "openai")).state == "open"
+    assert await progress.lookup("acme", req.id) is not None
+    await reset_breaker(ajs, "openai")  # for the tests after this one
+
+
+@pytest.mark.parametrize(("role", "name", "subject"), [
+    # a worker: another pool's breaker, key reports and rate state; the dispatcher's part; a bucket's limits
+    ("worker", "openai", "$KV.llm_breakers.anthropic"),
+    ("worker", "openai", "$KV.llm_pools.anthropic.w1"),
+    ("worker", "openai", "$KV.llm_rates.pool.anthropic"),
+    ("worker", "openai", "$KV.llm_rates.a.acme"),
+    ("worker", "openai", "$KV.llm_rates.h.1"),
+    ("worker", "openai", "$KV.llm_budget_limits.acme"),
+    ("worker", "openai", "$JS.API.STREAM.UPDATE.KV_llm_breakers"),
+    ("worker", "openai", "$JS.API.STREAM.PURGE.KV_llm_breakers"),
+    # the dispatcher: no breaker, credit, key report, pool rate, stream progress, alert or settled spend
+    ("dispatcher", "", "$KV.llm_breakers.openai"),
+    ("dispatcher", "", "$KV.llm_credit.openai"),
+    ("dispatcher", "", "$KV.llm_pools.openai.w1"),
+    ("dispatcher", "", "$KV.llm_rates.pool.openai"),
+    ("dispatcher", "", "$KV.llm_streams.0123abcd"),
+    ("dispatcher", "", "$KV.llm_budget_alerts.acme.d20261130.80"),
+    ("dispatcher", "", "llm.budget.acme.d20261130.spent"),
+    ("dispatcher", "", "$JS.API.STREAM.UPDATE.KV_llm_rates"),
+    # the auditor: no shared state at all
+    ("auditor", "", "$KV.llm_breakers.openai"),
+    ("auditor", "", "$KV.llm_credit.openai"),
+    ("auditor", "", "$KV.llm_rates.a.acme"),
+    ("auditor", "", "$KV.llm_streams.0123abcd"),
+    ("auditor", "", "$KV.llm_budget_alerts.acme.d20261130.80"),
+    ("auditor", "", "llm.budget.acme.d20261130.used"),
+    # admin subjects: the fleet's processes serve them, only the admin calls them
+    ("dispatcher", "", "llm.admin.explain"),
+    ("worker", "openai", "llm.admin.providers.test.anthropic"),
+    ("worker", "openai", "llm.admin.health.dispatcher"),
+    ("auditor", "", "$SRV.PING"),
+])
+async def test_the_fleets_credentials_write_nothing_of_another_role_or_pool(
+    server: Server, conns: list[Conn], role: str, name: str, subject: str
+) -> None:
+    admin, _ = await _conn(conns, server, "admin")
+    nc, c = await _conn(conns, server, role, name)
+    got = await _seen_before_marker(admin, nc, [subject], "llm.events.marker")
+    assert got == []
+    await c.refused("publish", subject)
+
+
+async def test_a_worker_cannot_open_or_close_another_pools_breaker(server: Server, conns: list[Conn]) -> None:
+    await ensure_topology((await _conn(conns, server, "admin"))[0].jetstream(), _metered_config())
+    anthropic_nc, _ = await _conn(conns, server, "worker", "anthropic")
+    anthropic = await _pool_health(anthropic_nc, "anthropic")
+    await anthropic.record(Ticket(None, 0), Verdict.FAILURE)  # one of the two that open it
+    # The worker of pool openai, running the code a worker of pool anthropic runs: it can neither open
+    # anthropic's breaker (a failure), nor clear its count (a success), nor close it (a reset).
+    openai_nc, c = await _conn(conns, server, "worker", "openai")
+    intruder = await _pool_health(openai_nc, "anthropic", timeout=0.5)
+    for verdict in (Verdict.FAILURE, Verdict.SUCCESS):
+        with pytest.raises(nats.errors.TimeoutError):
+            await intruder.record(Ticket(None, 0), verdict)
+    with pytest.raises(nats.errors.TimeoutError):
+        await reset_breaker(openai_nc.jetstream(timeout=0.5), "anthropic")
+    await c.refused("publish", "$KV.llm_breakers.anthropic")
+    stored = await _breaker(anthropic_nc, "anthropic")
+    assert stored.state == "closed" and stored.failures == 1
+    await anthropic.record(Ticket(None, 0), Verdict.FAILURE)  # its own workers still count into it
+    assert (await _breaker(anthropic_nc, "anthropic")).state == "open"
+    await intruder.stop()
+    await anthropic.stop()
+
+
+async def test_only_the_admin_resets_a_breaker(server: Server, conns: list[Conn], capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    admin, _ = await _conn(conns, server, "admin")
+    await ensure_topology(admin.jetstream(), _metered_config())
+    worker, _ = await _conn(conns, server, "worker", "openai")
+    health = await _pool_health(worker, "openai")
+    for _ in range(2):
+        await health.record(Ticket(None, 0), Verdict.FAILURE)
+    dispatcher, c = await _conn(conns, server, "dispatcher")
+    with pytest.raises(nats.errors.TimeoutError):
+        await reset_breaker(dispatcher.jetstream(timeout=0.5), "openai")
+    await c.refused("publish", "$KV.llm_breakers.openai")
+    assert (await _breaker(admin, "openai")).state == "open"
+
+    monkeypatch.setenv("NATS_URL", server.url)
+    monkeypatch.setenv("NATS_NKEY_SEED_FILE", str(server.auth.seed_file("dispatcher")))
+    r = await switchyard(capsys, "breaker", "reset", "openai")
+    assert r.code == 1 and r.err.count("\n") == 1, r.err
+    assert "NATS refused this credential" in r.err and "takes the admin credential" in r.err
+    assert (await _breaker(admin, "openai")).state == "open"
+
+    monkeypatch.setenv("NATS_NKEY_SEED_FILE", str(server.auth.seed_file("admin")))
+    r = await switchyard(capsys, "breaker", "reset", "openai")
+    assert r.code == 0 and "breaker of pool openai reset: closed" in r.out, r.err
+    assert (await _breaker(admin, "openai")).state == "closed"
+    await health.stop()
 
 
 # --- a secure `switchyard up`, end to end ------------------------------------------------------------

@@ -412,7 +412,9 @@ async def breaker_status(js: JetStreamContext) -> dict[str, BreakerState]:
 
 
 async def reset_breaker(js: JetStreamContext, pool: str) -> None:
-    """Close the pool's breaker now, whatever it was; a replica in the middle of a change re-reads it."""
+    """Close the pool's breaker now, whatever it was; a replica in the middle of a change re-reads it. On a
+    secure fleet only the admin credential may write another pool's breaker (router/natsperms.py): with
+    any other, the server refuses the write and this raises nats-py's TimeoutError."""
     kv = await _bucket(js, BREAKERS)
     await kv.put(pool, breaker.encode(BreakerState(since_ms=now_ms())))
 

@@ -2,7 +2,9 @@
 
 A pool's breaker opens after consecutive provider-side failures, refuses calls for its cool-down
 (the dispatcher skips the pool, a worker holding one of its work items passes it on), then lets
-probes through and closes after enough of them succeed (router/breaker.py). `reset` closes it at once.
+probes through and closes after enough of them succeed (router/breaker.py). `reset` closes it at once;
+on a secure fleet only the admin credential may (a worker writes its own pool's breaker only, the
+dispatcher none: router/natsperms.py).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
+import nats.errors
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
@@ -51,24 +55,42 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 async def breaker_command(args: argparse.Namespace) -> int:
     """Raises NoFleet when NATS is unreachable or holds no fleet."""
     async with connected(args.data_dir) as (nc, url):
-        js = nc.jetstream()
-        await fleet_prefix(js, url)
-        stored = await breaker_status(js)
-        pools = sorted(set(await _configured_pools(js)) | set(stored))
-        if args.action == "reset":
-            if args.pool not in pools:
-                say(f"no pool {args.pool!r} in this fleet (pools: {', '.join(pools) or 'none'})")
-                return REFUSED
-            await reset_breaker(js, args.pool)
-            was = stored.get(args.pool, CLOSED).state
-            print(f"breaker of pool {args.pool} reset: closed (was {was})")
-            return OK
-        rows = [_row(pool, stored.get(pool, CLOSED), now_ms()) for pool in pools]
-        if args.json:
-            print(msgspec.json.encode(rows).decode())
-        else:
-            _print(rows)
+        try:
+            return await _breaker(args, nc, url)
+        except nats.errors.TimeoutError:
+            refused = _refused(nc)
+            if refused is None:
+                raise
+            say(f"NATS refused this credential ({refused}): `breaker {args.action}` takes the admin credential"
+                " (NATS_NKEY_SEED_FILE=<auth dir>/admin.nk)")
+            return REFUSED
+
+
+def _refused(nc: NATS) -> str | None:
+    """The server's permission refusal this connection got last, if that is why a request went unanswered."""
+    err = nc.last_error
+    return str(err).removeprefix("nats: ") if err is not None and "permissions violation" in str(err).lower() else None
+
+
+async def _breaker(args: argparse.Namespace, nc: NATS, url: str) -> int:
+    js = nc.jetstream()
+    await fleet_prefix(js, url)
+    stored = await breaker_status(js)
+    pools = sorted(set(await _configured_pools(js)) | set(stored))
+    if args.action == "reset":
+        if args.pool not in pools:
+            say(f"no pool {args.pool!r} in this fleet (pools: {', '.join(pools) or 'none'})")
+            return REFUSED
+        await reset_breaker(js, args.pool)
+        was = stored.get(args.pool, CLOSED).state
+        print(f"breaker of pool {args.pool} reset: closed (was {was})")
         return OK
+    rows = [_row(pool, stored.get(pool, CLOSED), now_ms()) for pool in pools]
+    if args.json:
+        print(msgspec.json.encode(rows).decode())
+    else:
+        _print(rows)
+    return OK
 
 
 async def _configured_pools(js: JetStreamContext) -> list[str]:
