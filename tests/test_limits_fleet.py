@@ -238,7 +238,7 @@ async def test_rate_and_budget_together_give_back_what_a_rate_refusal_reserved_a
 
 
 @pytest.mark.timeout(90)
-async def test_a_budget_refusal_spends_the_rate_token_and_held_requests_reserve_once_admitted(
+async def test_a_budget_refusal_spends_the_rate_token(
     nats_url: str, pg_url: str, db: asyncpg.Pool, nc: NATS, metered: FakeOpenAI, account: str
 ) -> None:
     cfg = unlimited_config(metered)
@@ -251,11 +251,18 @@ async def test_a_budget_refusal_spends_the_rate_token_and_held_requests_reserve_
         # The budget refused it, but the rate had admitted it at the same time: its token is gone.
         [limited] = await burst(nc, account, 1)
         assert isinstance(limited, Error) and limited.code == "RATE_LIMITED" and limited.retry_after_ms
+    assert await day_totals(nc, account) == (0, 0)
 
-        # Requests that may wait (queue_ms) are held for their turns in order and reserve only when admitted.
-        async with db.acquire() as conn:
-            await store.put_limits(conn, account, AccountLimits(per_second=5, burst=1, daily_usd=5.0))
-        await seen(lambda: (own := routes.limits(account)) is not None and own.daily_usd == 5.0)
+
+@pytest.mark.timeout(90)
+async def test_requests_that_may_wait_under_a_budget_are_held_then_served_and_leave_nothing_reserved(
+    nats_url: str, pg_url: str, db: asyncpg.Pool, nc: NATS, metered: FakeOpenAI, account: str
+) -> None:
+    cfg = unlimited_config(metered)
+    async with db.acquire() as conn:
+        await store.put_limits(conn, account, AccountLimits(per_second=5, burst=1, daily_usd=5.0))
+    async with limited_fleet(nats_url, pg_url, cfg) as routes:
+        await seen(lambda: routes.limits(account) is not None)
         replies = await burst(nc, account, 4, queue_ms=20_000, timeout_ms=30_000)
         assert codes(replies) == ["done"] * 4
         used, spent = await settled(nc, account)
