@@ -1,8 +1,9 @@
-"""A pool's pause (its consumer paused while a wait runs out) is never cut short: a short wait for the
-pool's own rate limit that comes after a provider's longer 429 wait leaves the longer pause in place."""
+"""A pool's waits: its pause (its consumer paused while a provider's wait runs out) is never cut short by
+a shorter one, and items over the pool's own rate limit get their turns in the order they came."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import msgspec
@@ -11,6 +12,7 @@ from nats.aio.client import Client as NATS
 
 from router import config as config_mod
 from router.providers.fakes import FakeOpenAI
+from schemas import Done
 from workers.processes import http_client
 from workers.progress import Progress, ensure_bucket
 from workers.provider import PoolWorker
@@ -18,7 +20,8 @@ from workers.publish import Publisher
 from workers.ratelimits import paused_until_ms
 from workers.runtime import ensure_topology
 
-from .conftest import fleet_config
+from .conftest import fleet_config, running_fleet
+from .helpers import ask_raw, request
 
 
 async def test_a_shorter_wait_does_not_cut_a_longer_pause_short(nc: NATS, fake_openai: FakeOpenAI) -> None:
@@ -44,3 +47,20 @@ async def test_a_shorter_wait_does_not_cut_a_longer_pause_short(nc: NATS, fake_o
         assert await paused_until_ms(js, "pool-openai") == long_until
     await js.resume_consumer("LLM_WORK", "pool-openai")
     assert await paused_until_ms(js, "pool-openai") == 0
+
+
+async def test_items_over_the_pools_limit_are_called_in_the_order_they_came(
+    nats_url: str, nc: NATS, fake_openai: FakeOpenAI
+) -> None:
+    raw = msgspec.to_builtins(fleet_config({"openai": fake_openai.url + "/v1"}))
+    raw["pools"]["openai"]["requests_per_minute"] = 240  # a turn every 250 ms, no burst
+    cfg = config_mod.from_mapping(raw)
+    async with running_fleet(nats_url, cfg, None):
+        asks = []
+        for i in range(6):  # each one asks for its turn before the next arrives
+            asks.append(asyncio.create_task(ask_raw(nc, request(f"question {i}", timeout_ms=30_000), timeout=30)))
+            await asyncio.sleep(0.05)
+        answers = await asyncio.gather(*asks)
+    assert all(isinstance(a[-1], Done) for a in answers), [a[-1] for a in answers]
+    asked = [body["messages"][-1]["content"] for body in fake_openai.requests]
+    assert asked == [f"question {i}" for i in range(6)]

@@ -46,7 +46,17 @@ from .metrics import OK, WorkerMetrics
 from .progress import Finished, Progress
 from .publish import Publisher, now_ms, prompt_fingerprint
 from .pull import serve_pull
-from .ratelimits import RateLimiter, describe_pool, paused_until_ms, pool_limit, pool_tokens
+from .ratelimits import (
+    RateLimiter,
+    book_turn,
+    booked_turn,
+    describe_pool,
+    now_us,
+    paused_until_ms,
+    pool_limit,
+    pool_tokens,
+    turn_wait_ms,
+)
 from .runtime import MAX_DELIVER
 from .tracing import ATTEMPT_SPAN, PROVIDER_CALL_SPAN, Tracing
 
@@ -414,13 +424,14 @@ class PoolWorker:
         started = now_ms()
         deadline_ms = work.accepted_ms + req.timeout_ms
         # A call that will be refused anyway (no key, no credit) takes no turn of the pool's own limit.
-        failure: SwitchyardError | None = await self._pool_turn(req) if self._refusal(req.account) is None else None
-        wait = failure.retry_after_ms if failure is not None else None
-        if wait is not None and now_ms() + wait < deadline_ms:
-            await self._put_back(msg, wait, bound)
+        turn = await self._pool_turn(req, msg, deadline_ms) if self._refusal(req.account) is None else None
+        if isinstance(turn, int):  # its turn is booked for later: back in the queue until then
+            await self.progress.count_hold(msg.metadata.sequence.stream)
+            await msg.nak(delay=turn / 1000)
             self.metrics.waited("pool_limit")
-            bound.info("waiting_for_pool_limit", wait_ms=wait)
+            bound.info("waiting_for_pool_limit", wait_ms=turn)
             return
+        failure: SwitchyardError | None = turn
         try:
             async with asyncio.timeout(max(0.0, (deadline_ms - started) / 1000)) as budget:
                 if failure is None:
@@ -521,19 +532,30 @@ class PoolWorker:
         await self.progress.count_hold(msg.metadata.sequence.stream)
         await msg.nak(delay=wait / 1000)
 
-    async def _pool_turn(self, req: Request) -> SwitchyardError | None:
+    async def _pool_turn(self, req: Request, msg: Msg, deadline_ms: int) -> int | SwitchyardError | None:
         """None when the pool's own rate limit (if any) lets this request call the provider now, its turn
-        taken; else PROVIDER_UNAVAILABLE with the wait until it would. Raises what NATS raises when the
-        `llm_rates` bucket cannot be used (the item is delivered again, never let through unchecked)."""
+        taken; the milliseconds to wait when its turn is booked for later (in the order items asked, a
+        turn booked once and found again when the item comes back); PROVIDER_UNAVAILABLE with the wait
+        when its turn would come after its deadline. Raises what NATS raises when the `llm_rates` or
+        `llm_streams` bucket cannot be used (the item is delivered again, never let through unchecked)."""
         pool = self.pool
         limit = pool_limit(pool)
         if limit is None:
             return None
         if self.rates is None:
             self.rates = await RateLimiter.open(self.js)
-        decision = await self.rates.decide_pool(self.pool_name, limit, tokens=pool_tokens(req, limit))
+        seq = msg.metadata.sequence.stream
+        if msg.metadata.num_delivered > 1:
+            booked = await booked_turn(self.progress.kv, seq)
+            if booked is not None:
+                return turn_wait_ms(booked)
+        decision = await self.rates.decide_pool(self.pool_name, limit, tokens=pool_tokens(req, limit),
+                                                wait_us=deadline_ms * 1000 - now_us())
         if decision.admitted:
-            return None
+            wait = turn_wait_ms(decision.at_us)
+            if wait is not None:
+                await book_turn(self.progress.kv, seq, decision.at_us)
+            return wait
         return SwitchyardError(
             ErrorCode.PROVIDER_UNAVAILABLE,
             f"pool {self.pool_name!r} is at its own rate limit of {describe_pool(pool)} towards provider"

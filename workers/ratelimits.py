@@ -6,7 +6,9 @@
   state that expired is exactly the same as none. A replica that dies loses nothing: the state is
   the server's.
 - `pool.<pool>`: the same state for a pool's own limit towards its provider (`requests_per_minute`,
-  `tokens_per_minute`), shared by the pool's worker replicas and checked before each provider call.
+  `tokens_per_minute`), shared by the pool's worker replicas and checked before each provider call. A
+  work item whose turn comes later books it, and the turn is kept with the workers' stream progress
+  (`turn.<LLM_WORK sequence>` in `llm_streams`) for when the item comes back.
 - `h.<stream sequence>`: a request that waits for its turn (`queue_ms`): how many times it was held,
   and the moment it was booked for. It expires after the request's deadline.
 
@@ -111,6 +113,32 @@ async def paused_until_ms(js: JetStreamContext, consumer: str, stream: str = "LL
     return int(at.timestamp() * 1000)
 
 
+def turn_wait_ms(at_us: int) -> int | None:
+    """None when a turn booked for `at_us` has come (within EARLY_US); else the milliseconds until it."""
+    wait = at_us - now_us()
+    return None if wait <= EARLY_US else -(-wait // 1000)
+
+
+async def book_turn(kv: KeyValue, seq: int, at_us: int) -> None:
+    """Keep the turn a work item (LLM_WORK's sequence `seq`) booked on its pool's own limit, as `turn.<seq>`
+    in the workers' `llm_streams` bucket (whose TTL outlives any deadline), so that the item finds it when it
+    comes back rather than asking again (which would put it behind items that asked meanwhile). Raises what
+    nats-py raises."""
+    await kv.put(f"turn.{seq}", str(at_us).encode())
+
+
+async def booked_turn(kv: KeyValue, seq: int) -> int | None:
+    """The turn `book_turn` kept for the work item `seq` (µs), None when it has none."""
+    try:
+        entry = await kv.get(f"turn.{seq}")
+    except KeyNotFoundError:
+        return None
+    try:
+        return int(entry.value or b"")
+    except ValueError:
+        return None
+
+
 class Hold(msgspec.Struct, array_like=True, frozen=True):
     holds: int
     at_us: int
@@ -205,11 +233,13 @@ class RateLimiter:
         Raises RuntimeError when _CAS_TRIES compare-and-sets in a row lose to other replicas."""
         return await self._in_turn(f"a.{account}", limit, now, tokens, wait_us)
 
-    async def decide_pool(self, pool: str, limit: RateLimit, *, tokens: int = 0) -> ratelimit.Decision:
+    async def decide_pool(
+        self, pool: str, limit: RateLimit, *, tokens: int = 0, wait_us: int = 0
+    ) -> ratelimit.Decision:
         """The same decision for a pool's own limit towards its provider (`pool_limit`), on the state
-        `pool.<name>` that every replica of the pool shares. Nothing is booked: a refused call is asked
-        again after `retry_after_ms`. Raises as `decide` does."""
-        return await self._in_turn(f"pool.{pool}", limit, now_us(), tokens, 0)
+        `pool.<name>` that every replica of the pool shares; with `wait_us`, a turn within it is booked
+        (the caller keeps it with `book_turn`). Raises as `decide` does."""
+        return await self._in_turn(f"pool.{pool}", limit, now_us(), tokens, wait_us)
 
     async def _in_turn(self, key: str, limit: RateLimit, now: int, tokens: int, wait_us: int) -> ratelimit.Decision:
         lock, waiting = self._turns.get(key) or (asyncio.Lock(), 0)
