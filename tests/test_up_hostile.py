@@ -1,10 +1,25 @@
 """The messages that used to stop the fleet, against a real `switchyard up` with its own nats-server and
-PostgreSQL: no process exits or is restarted, the fleet keeps serving, and `up` started again on the same
-data dir comes up clean (before, the message was still in the stream and stopped the next start too)."""
+PostgreSQL: no process exits or is restarted, the fleet keeps serving, its processes' memory stays
+bounded, and `up` started again on the same data dir comes up clean (before, the message was still in the
+stream and stopped the next start too).
+
+Memory: each Switchyard process's resident set (`up` itself, the dispatcher, every worker, the auditor) is
+read after a warm-up (the named cases, 300 generated messages and WARM_BIG_COUNT large hostile ones, so
+that the allocator's heap has reached what handling them takes, then a request answered) and again
+after a second round (100 other generated messages and BIG_COUNT hostile messages of BIG_SIZE bytes each,
+then a request answered). Growth must stay below MEMORY_BOUND per process. The second round carries
+BIG_COUNT × BIG_SIZE = 48 MiB of hostile bodies, so a process that kept any per-message copy of what it
+was sent (the raw body, its decoded text, a log context or an error holding it) would grow by at least
+that, over the bound; a process that frees what it handled returns the large buffers to the system.
+What it cannot see: a small fixed leak per message, under MEMORY_BOUND / ~200 messages (about 160 KiB)
+each; the generated corpus of test_hostile.py (a few thousand messages, 100,000 in its long mode) is
+where such a leak would add up, and it does not measure memory. nats-server and PostgreSQL are not
+measured: their caches are theirs, sized by their own config."""
 
 from __future__ import annotations
 
 import asyncio
+import random
 import signal
 import subprocess
 import threading
@@ -13,11 +28,35 @@ from pathlib import Path
 import msgspec
 import nats
 import psutil
+from nats.js import JetStreamContext
 
 from .helpers import request
 from .test_hostile import corpus
 from .test_up import _clean_env
 from .test_up_supervise import _ask, _switchyard_up
+
+MEMORY_BOUND = 32 * 2**20
+"""How much a Switchyard process may grow over the second round: well above what freeing allocators and
+warm caches move (a few MiB), well below the 48 MiB of hostile bodies that round carries."""
+BIG_COUNT = 96
+WARM_BIG_COUNT = 24
+BIG_SIZE = 512 * 1024
+"""Half of nats-server's default max_payload (1 MiB): with a dead-letter copy's headers it still fits."""
+
+
+def _big_cases(count: int, seed: int) -> list[tuple[str, bytes]]:
+    """(subject, body) of `count` hostile messages of BIG_SIZE bytes, each different: requests whose huge
+    text is decoded before a wrong field refuses them, and bytes that are not even UTF-8."""
+    rng = random.Random(seed)
+    cases: list[tuple[str, bytes]] = []
+    for i in range(count):
+        if i % 2:
+            cases.append((f"llm.req.big{i}.acme", rng.randbytes(BIG_SIZE)))
+            continue
+        body = request(reply_to=f"_INBOX.big{i}", max_tokens=-1, text="")
+        body["messages"][0]["content"] = rng.randbytes(BIG_SIZE // 2 - 100).hex()
+        cases.append((f"llm.req.big{i}.acme", msgspec.json.encode(body)))
+    return cases
 
 
 def _named_cases(max_payload: int) -> list[tuple[str, bytes]]:
@@ -50,21 +89,26 @@ async def test_hostile_messages_under_up_stop_nothing_and_a_restart_comes_up_cle
         nc = await nats.connect(url)
         js = nc.jetstream()
         cases = _named_cases(nc.max_payload)
-        for subject, body in cases:
-            await js.publish(subject, body)
-        for i, h in enumerate(corpus(300)):
-            data, _ = h.encode(i)
-            if len(data) <= nc.max_payload:
-                await js.publish(f"llm.req.h{i}.acme", data)
-        for _ in range(300):
-            info = await js.consumer_info("LLM_REQ", "dispatch")
-            if info.num_pending == 0 and info.num_ack_pending == 0:
-                break
-            await asyncio.sleep(0.2)
-        else:
-            raise AssertionError(f"requests left: {info}\n" + "".join(up.lines[-30:]))
+        cases += [(f"llm.req.h{i}.acme", data) for i, h in enumerate(corpus(300)) if len(data := h.encode(i)[0])
+                  <= nc.max_payload]
+        cases += _big_cases(WARM_BIG_COUNT, seed=1)
+        await _publish_all(js, cases, up.lines)
         ask = await _ask(env)
         assert ask.returncode == 0, ask.stderr
+        warm = _memory(up.proc.pid)
+
+        second = [(f"llm.req.m{i}.acme", data) for i, h in enumerate(corpus(100, batch=1))
+                  if len(data := h.encode(i)[0]) <= nc.max_payload]
+        big = _big_cases(BIG_COUNT, seed=2)
+        await _publish_all(js, [c for pair in zip(second, big, strict=False) for c in pair]
+                           + second[len(big):], up.lines)
+        ask = await _ask(env)
+        assert ask.returncode == 0, ask.stderr
+        after = _memory(up.proc.pid)
+        growth = {name: after[name] - rss for name, rss in warm.items() if name in after}
+        print("RSS growth over the second round (MiB):", {n: round(g / 2**20, 1) for n, g in growth.items()})
+        assert set(growth) == set(warm) and len(growth) >= 4, (warm, after)
+        assert all(g < MEMORY_BOUND for g in growth.values()), growth
         now = {p.pid for p in psutil.Process(up.proc.pid).children(recursive=True)}
         assert set(children) <= now, "a process of the fleet exited"
         assert not any("exited" in line for line in up.lines), "".join(up.lines)
@@ -82,6 +126,32 @@ async def test_hostile_messages_under_up_stop_nothing_and_a_restart_comes_up_cle
             assert (await nc.jetstream().stream_info(stream)).state.messages == 0
         await nc.close()
         await _stop(again.proc, drain, again.lines)
+
+
+async def _publish_all(js: JetStreamContext, cases: list[tuple[str, bytes]], lines: list[str]) -> None:
+    """Publish every case, then wait until the dispatcher has handled all of them."""
+    for subject, body in cases:
+        await js.publish(subject, body)
+    for _ in range(600):
+        info = await js.consumer_info("LLM_REQ", "dispatch")
+        if info.num_pending == 0 and info.num_ack_pending == 0:
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"requests left: {info}\n" + "".join(lines[-30:]))
+
+
+def _memory(up_pid: int) -> dict[str, int]:
+    """Resident set size of `up` and of each Switchyard process it runs, by name (`dispatcher`, `worker
+    demo`, `auditor`): the processes started as `python -m workers.cli`."""
+    up = psutil.Process(up_pid)
+    sizes = {"up": up.memory_info().rss}
+    for p in up.children(recursive=True):
+        cmd = p.cmdline()
+        if "workers.cli" in cmd:
+            role = cmd[cmd.index("workers.cli") + 1]
+            name = f"worker {cmd[cmd.index('--pool') + 1]}" if role == "worker" else role
+            sizes[name] = p.memory_info().rss
+    return sizes
 
 
 def _nats_url(lines: list[str]) -> str:
