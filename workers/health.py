@@ -28,7 +28,7 @@ import nats.errors
 import structlog
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from router import breaker
@@ -397,13 +397,28 @@ class PoolHealth:
 
 
 async def _read_all(js: JetStreamContext, bucket: str, decode: Callable[[bytes], T]) -> dict[str, T]:
+    """Every key's value, read one by one from the keys the bucket's stream lists. Not a watch: nats-py's
+    watch may mark the end of its replay before entries the server already sent, which a one-shot read
+    would then miss."""
     try:
         kv = await js.key_value(bucket)
-    except BucketNotFoundError:
+        info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"$KV.{bucket}.>")
+    except (BucketNotFoundError, NotFoundError):
         return {}
-    mirror = _Mirror(bucket, kv, decode)
-    await mirror.start(follow=False)
-    return {key: value for key, (value, _) in mirror.values.items()}
+    values: dict[str, T] = {}
+    for subject in info.state.subjects or {}:
+        key = subject.removeprefix(f"$KV.{bucket}.")
+        try:
+            entry = await kv.get(key)
+        except KeyNotFoundError:  # deleted (nats-py's KeyDeletedError is one), or gone since the listing
+            continue
+        if not entry.value:
+            continue  # as the watch reads it: no value, no entry
+        try:
+            values[key] = decode(entry.value)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            log.warning("bad_health_value", bucket=bucket, key=key)
+    return values
 
 
 async def breaker_status(js: JetStreamContext) -> dict[str, BreakerState]:
