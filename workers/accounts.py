@@ -4,7 +4,7 @@ and `llm_account_limits` (workers/migrations/009).
 An account may have its own route for a use case, for one tier or for every tier (`*`); the
 dispatcher tries it before the config's route (router/routing.py). An account may also have its own
 rate limit and budget, which win over the config's (router/limits.py). Each dispatcher keeps the
-active rows of both tables in memory (`AccountRoutes`) and follows them:
+active rows of both tables in memory (`AccountRoutes`) and follows them (workers/follow.py):
 
 - LISTEN on the channels `llm_account_routes` and `llm_account_limits`, which triggers notify at the
   commit of every change: both tables are read again (a row per account and use case at most, and a
@@ -22,7 +22,6 @@ in its log (`account_routes_off`).
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -35,7 +34,7 @@ from router.config import parse_target
 from router.limits import AccountLimits
 from router.routing import AccountRoute
 
-from .db import migrate
+from .follow import PING_S, QUERY_S, RELOAD_S, TableFollower
 
 log = structlog.get_logger("accounts")
 
@@ -44,11 +43,6 @@ LIMITS_CHANNEL = "llm_account_limits"
 APPLICATION = "switchyard-account-routes"
 """The listening connection's application_name, as pg_stat_activity shows it."""
 ALL_TIERS = "*"
-PING_S = 1.0
-RELOAD_S = 30.0
-QUERY_S = 5.0
-RETRY_S = (1.0, 10.0)
-"""The backoff between attempts to reach PostgreSQL: from the first to the last, doubling."""
 
 _COLUMNS = "account, use_case, tier, targets, key_ref, active, updated_at"
 
@@ -194,11 +188,13 @@ class AccountRoutes:
 
     def __init__(self, database_url: str, *, ping_s: float = PING_S, reload_s: float = RELOAD_S) -> None:
         self.url = database_url
-        self.ping_s = ping_s
-        self.reload_s = reload_s
         self._table: Table = {}
         self._limits: dict[str, AccountLimits] = {}
-        self._changed = asyncio.Event()
+        self._follower = TableFollower(
+            database_url, channels=[CHANNEL, LIMITS_CHANNEL], application=APPLICATION, reload=self._reload,
+            log=log, event_prefix="account_routes", unreachable_effect="requests follow the account routes read last",
+            error_detail=lambda exc: repr(exc)[:300], ping_s=ping_s, reload_s=reload_s,
+        )
         self.loaded = asyncio.Event()
         """Set once the table was read the first time."""
 
@@ -211,62 +207,10 @@ class AccountRoutes:
         return self._limits.get(account)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Follow the table until `stop`; never raises but CancelledError."""
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._wake_on(stop))
-            delay, migrated, down = RETRY_S[0], False, False
-            while not stop.is_set():
-                try:
-                    conn = await asyncpg.connect(self.url, timeout=QUERY_S,
-                                                 server_settings={"application_name": APPLICATION})
-                except Exception as exc:
-                    if not down:
-                        log.warning("account_routes_unreachable", error=repr(exc)[:300],
-                                    effect="requests follow the account routes read last")
-                    down = True
-                    await self._sleep(stop, delay)
-                    delay = min(delay * 2, RETRY_S[1])
-                    continue
-                try:
-                    if not migrated:
-                        await migrate(conn)
-                        migrated = True
-                    if down:
-                        log.info("account_routes_reachable")
-                    down, delay = False, RETRY_S[0]
-                    await self._follow(conn, stop)
-                except Exception as exc:
-                    log.warning("account_routes_lost", error=repr(exc)[:300])
-                    down = True
-                finally:
-                    conn.terminate()
+        """Follow the tables until `stop`; never raises but CancelledError."""
+        await self._follower.run(stop)
 
-    async def _follow(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
-        def notified(*_args: object) -> None:
-            self._changed.set()
-
-        await conn.add_listener(CHANNEL, notified)
-        await conn.add_listener(LIMITS_CHANNEL, notified)
-        await self._reload(conn, stop)
-        last = time.monotonic()
-        while not stop.is_set():
-            try:
-                async with asyncio.timeout(self.ping_s):
-                    await self._changed.wait()
-            except TimeoutError:
-                pass
-            if stop.is_set():
-                return
-            if self._changed.is_set() or time.monotonic() - last >= self.reload_s:
-                await self._reload(conn, stop)
-                last = time.monotonic()
-            else:
-                async with asyncio.timeout(self.ping_s):
-                    await conn.fetchval("SELECT 1")
-
-    async def _reload(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
-        if not stop.is_set():
-            self._changed.clear()  # a change committed from now on notifies again
+    async def _reload(self, conn: asyncpg.Connection) -> None:
         async with asyncio.timeout(QUERY_S):
             table = _table(await rows(conn, active_only=True))
             limits = {r.account: r.limits for r in await limit_rows(conn)}
@@ -275,14 +219,3 @@ class AccountRoutes:
         self._table = table
         self._limits = limits
         self.loaded.set()
-
-    async def _wake_on(self, stop: asyncio.Event) -> None:
-        await stop.wait()
-        self._changed.set()
-
-    async def _sleep(self, stop: asyncio.Event, seconds: float) -> None:
-        try:
-            async with asyncio.timeout(seconds):
-                await stop.wait()
-        except TimeoutError:
-            pass

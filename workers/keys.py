@@ -7,9 +7,9 @@ global stored key.
 
 Each provider worker keeps the keys it can decrypt in memory (`KeyRing`), and tells
 router/redact.py of every one, and follows the table as workers/accounts.py follows account
-routes: LISTEN on `llm_provider_keys` (a trigger notifies at the commit of every change), a
-`SELECT 1` every second on that connection, a full read every 30 s. So a set, rotated or deleted key
-is used within about two seconds, without a restart. A worker without DATABASE_URL or without
+routes (workers/follow.py): LISTEN on `llm_provider_keys` (a trigger notifies at the commit of every
+change), a `SELECT 1` every second on that connection, a full read every 30 s. So a set, rotated or
+deleted key is used within about two seconds, without a restart. A worker without DATABASE_URL or without
 SWITCHYARD_MASTER_KEYS uses environment keys only, and says so once in its log (`stored_keys_off`).
 
 Decrypted keys are never written anywhere: not to a message, a log line, an error or a row.
@@ -18,7 +18,6 @@ Decrypted keys are never written anywhere: not to a message, a log line, an erro
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -31,16 +30,13 @@ from router.redact import remember_secret
 from router.secrets import MasterKeys, Sealed, SecretsError, describe, mask, master_keys_from_env
 
 from .db import migrate
+from .follow import PING_S, QUERY_S, RELOAD_S, TableFollower
 
 log = structlog.get_logger("keys")
 
 CHANNEL = "llm_provider_keys"
 APPLICATION = "switchyard-provider-keys"
 """The listening connection's application_name, as pg_stat_activity shows it."""
-PING_S = 1.0
-RELOAD_S = 30.0
-QUERY_S = 5.0
-RETRY_S = (1.0, 10.0)
 FIRST_LOAD_S = 10.0
 """How long a worker waits for its first read of the table before it serves (with what it has)."""
 
@@ -171,11 +167,14 @@ class KeyRing:
                  reload_s: float = RELOAD_S) -> None:
         self.url = database_url
         self.master = master
-        self.ping_s = ping_s
-        self.reload_s = reload_s
         self._keys: dict[Slot, str] = {}
         self._problems: list[str] = []
-        self._changed = asyncio.Event()
+        self._follower = TableFollower(
+            database_url, channels=[CHANNEL], application=APPLICATION, reload=self._reload, log=log,
+            event_prefix="stored_keys", unreachable_effect="calls use the stored keys read last",
+            # The type alone: an error's message is not needed to act and might quote too much.
+            error_detail=lambda exc: type(exc).__name__, ping_s=ping_s, reload_s=reload_s,
+        )
         self._listeners: list[Callable[[], None]] = []
         self.loaded = asyncio.Event()
         """Set once the table was read the first time."""
@@ -203,60 +202,9 @@ class KeyRing:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Follow the table until `stop`; never raises but CancelledError."""
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._wake_on(stop))
-            delay, migrated, down = RETRY_S[0], False, False
-            while not stop.is_set():
-                try:
-                    conn = await asyncpg.connect(self.url, timeout=QUERY_S,
-                                                 server_settings={"application_name": APPLICATION})
-                except Exception as exc:
-                    if not down:
-                        log.warning("stored_keys_unreachable", error=type(exc).__name__,
-                                    effect="calls use the stored keys read last")
-                    down = True
-                    await self._sleep(stop, delay)
-                    delay = min(delay * 2, RETRY_S[1])
-                    continue
-                try:
-                    if not migrated:
-                        await migrate(conn)
-                        migrated = True
-                    if down:
-                        log.info("stored_keys_reachable")
-                    down, delay = False, RETRY_S[0]
-                    await self._follow(conn, stop)
-                except Exception as exc:
-                    log.warning("stored_keys_lost", error=type(exc).__name__)
-                    down = True
-                finally:
-                    conn.terminate()
+        await self._follower.run(stop)
 
-    async def _follow(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
-        def notified(*_args: object) -> None:
-            self._changed.set()
-
-        await conn.add_listener(CHANNEL, notified)
-        await self._reload(conn, stop)
-        last = time.monotonic()
-        while not stop.is_set():
-            try:
-                async with asyncio.timeout(self.ping_s):
-                    await self._changed.wait()
-            except TimeoutError:
-                pass
-            if stop.is_set():
-                return
-            if self._changed.is_set() or time.monotonic() - last >= self.reload_s:
-                await self._reload(conn, stop)
-                last = time.monotonic()
-            else:
-                async with asyncio.timeout(self.ping_s):
-                    await conn.fetchval("SELECT 1")
-
-    async def _reload(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
-        if not stop.is_set():
-            self._changed.clear()  # a change committed from now on notifies again
+    async def _reload(self, conn: asyncpg.Connection) -> None:
         async with asyncio.timeout(QUERY_S):
             keys, problems = await _decrypt_all(conn, self.master)
         changed = keys != self._keys
@@ -273,17 +221,6 @@ class KeyRing:
         if changed:
             for callback in self._listeners:
                 callback()
-
-    async def _wake_on(self, stop: asyncio.Event) -> None:
-        await stop.wait()
-        self._changed.set()
-
-    async def _sleep(self, stop: asyncio.Event, seconds: float) -> None:
-        try:
-            async with asyncio.timeout(seconds):
-                await stop.wait()
-        except TimeoutError:
-            pass
 
 
 def keyring_for_worker(database_url: str | None) -> KeyRing | None:
