@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import tomllib
+
 import pytest
 
-from router.config import load, parse_target
+from router.config import UNLIMITED, from_mapping, load, parse_target
 from router.models import model_info
 from router.pricing import unpriced_targets
 from workers.processes import DEFAULT_CONFIG
@@ -78,3 +80,18 @@ def test_every_vision_target_reads_images() -> None:
 def test_admins_may_force_any_model() -> None:
     assert CFG.tiers["admin"].force_any_model
     assert not CFG.tiers.get("pro") or not CFG.tiers["pro"].force_any_model
+
+
+def test_the_commented_limits_are_spellings_the_config_accepts() -> None:
+    # The [limits] lines shown commented out, put in place of the ones they stand for, load as described.
+    text = DEFAULT_CONFIG.read_text()
+    head, shown = text.split("\n[limits.default]\n")
+    uncommented = "\n".join(
+        line.removeprefix("# ") for line in shown.splitlines()
+        if line.startswith(("# rate =", "# budget =", "# [limits."))
+    )
+    cfg = from_mapping(tomllib.loads(f"{head}\n[limits.default]\n{uncommented}"))
+    assert cfg.limits.default.rate.per_second == UNLIMITED
+    assert (cfg.limits.default.budget.daily_usd, cfg.limits.default.budget.monthly_usd) == (UNLIMITED, UNLIMITED)
+    assert cfg.limits.tiers["free"].budget.monthly_usd == UNLIMITED
+    assert cfg.limits.tiers["free"].rate.per_second == 2
