@@ -434,6 +434,22 @@ async def test_only_the_admin_resets_a_breaker(server: Server, conns: list[Conn]
     await health.stop()
 
 
+async def test_an_admin_command_with_another_credential_is_one_line_saying_so(
+    server: Server, conns: list[Conn], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    admin, _ = await _conn(conns, server, "admin")
+    await ensure_topology(admin.jetstream(), _metered_config())
+    pushed = tmp_path / "config.json"
+    pushed.write_bytes(msgspec.json.encode(_metered_config()))
+    monkeypatch.setenv("NATS_URL", server.url)
+    monkeypatch.setenv("NATS_NKEY_SEED_FILE", str(server.auth.seed_file("dispatcher")))
+    r = await switchyard(capsys, "config", "push", str(pushed))
+    assert r.code == 1 and r.err.count("\n") == 1 and "Traceback" not in r.err, r.err
+    assert r.err.startswith("switchyard: NATS refused this credential (permissions violation for publish to")
+    assert "takes the admin credential" in r.err
+
+
 # --- a secure `switchyard up`, end to end ------------------------------------------------------------
 
 

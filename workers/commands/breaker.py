@@ -14,7 +14,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
-import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
@@ -54,22 +53,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 async def breaker_command(args: argparse.Namespace) -> int:
     """Raises NoFleet when NATS is unreachable or holds no fleet."""
-    async with connected(args.data_dir) as (nc, url):
-        try:
-            return await _breaker(args, nc, url)
-        except nats.errors.TimeoutError:
-            refused = _refused(nc)
-            if refused is None:
-                raise
-            say(f"NATS refused this credential ({refused}): `breaker {args.action}` takes the admin credential"
-                " (NATS_NKEY_SEED_FILE=<auth dir>/admin.nk)")
-            return REFUSED
-
-
-def _refused(nc: NATS) -> str | None:
-    """The server's permission refusal this connection got last, if that is why a request went unanswered."""
-    err = nc.last_error
-    return str(err).removeprefix("nats: ") if err is not None and "permissions violation" in str(err).lower() else None
+    async with connected(args.data_dir) as (nc, url):  # a refused credential: CredentialRefused, exit 1
+        return await _breaker(args, nc, url)
 
 
 async def _breaker(args: argparse.Namespace, nc: NATS, url: str) -> int:

@@ -20,7 +20,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError, ServiceUnavailableError
-from nats.protocol.parser import AUTHORIZATION_VIOLATION
+from nats.protocol.parser import AUTHORIZATION_VIOLATION, PERMISSIONS_ERR
 
 OK = 0
 REFUSED = 1
@@ -33,6 +33,10 @@ Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
 class NoFleet(Exception):
     """NATS cannot be reached or holds no fleet; the message says which and what to do."""
+
+
+class CredentialRefused(Exception):
+    """The server refused what the command sent with this credential (exit 1); the message says so."""
 
 
 def say(text: str) -> None:
@@ -112,6 +116,13 @@ async def connected(data_dir: Path | None, account: str | None = None) -> AsyncI
     try:
         yield nc, url
     except nats.errors.TimeoutError:
+        refused = nc.last_error
+        if refused is not None and PERMISSIONS_ERR in str(refused):
+            # The server drops what this credential may not send, and the request then times out.
+            raise CredentialRefused(
+                f"NATS refused this credential ({str(refused).removeprefix('nats: ').strip()}): this command"
+                " takes the admin credential (NATS_NKEY_SEED_FILE=<auth dir>/admin.nk)"
+            ) from None
         raise NoFleet(f"NATS at {url} did not answer in time; try again, or check the server") from None
     except nats.errors.ConnectionClosedError:
         raise NoFleet(f"lost the connection to NATS at {url}") from None
@@ -155,5 +166,8 @@ def run(command: Command, args: argparse.Namespace) -> int:
     except NoFleet as exc:
         say(str(exc))
         return NO_FLEET
+    except CredentialRefused as exc:
+        say(str(exc))
+        return REFUSED
     except KeyboardInterrupt:
         return 130
