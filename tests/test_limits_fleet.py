@@ -56,7 +56,7 @@ def unlimited_config(fake: FakeOpenAI, **limits: Any) -> Config:
 
 @contextlib.asynccontextmanager
 async def limited_fleet(nats_url: str, pg_url: str, cfg: Config) -> AsyncIterator[AccountRoutes]:
-    """A dispatcher following the account tables, with rates and budgets, and a worker that settles.
+    """A dispatcher following the account tables, with rates and budgets, and a worker per pool that settles.
     Yields the dispatcher's view of the tables."""
     conns: list[NATS] = []
     stop = asyncio.Event()
@@ -75,9 +75,12 @@ async def limited_fleet(nats_url: str, pg_url: str, cfg: Config) -> AsyncIterato
                             budgets=await Budgets.open(djs, "llm"))
     try:
         async with http_client() as http:
-            worker = PoolWorker(wjs, Publisher(wnc, wjs, "llm"), http, cfg, "openai", {"openai": "sk-test-fake"},
-                                Progress(wnc, await ensure_bucket(wjs)), budgets=await Budgets.open(wjs, "llm"))
-            tasks = [asyncio.create_task(dispatcher.serve(stop)), asyncio.create_task(worker.serve(stop))]
+            keys: dict[str, str | None] = {name: "sk-test-fake" for name in cfg.providers}
+            workers = [PoolWorker(wjs, Publisher(wnc, wjs, "llm"), http, cfg, pool, keys,
+                                  Progress(wnc, await ensure_bucket(wjs)), budgets=await Budgets.open(wjs, "llm"))
+                       for pool in cfg.pools]
+            tasks = [asyncio.create_task(dispatcher.serve(stop))]
+            tasks += [asyncio.create_task(w.serve(stop)) for w in workers]
             await asyncio.wait_for(routes.loaded.wait(), 10)
             try:
                 yield routes
@@ -267,3 +270,40 @@ async def test_requests_that_may_wait_under_a_budget_are_held_then_served_and_le
         assert codes(replies) == ["done"] * 4
         used, spent = await settled(nc, account)
     assert used == spent == sum(policy.to_micros(r.cost_usd or 0) for r in replies if isinstance(r, Done))
+
+
+@pytest.mark.timeout(90)
+async def test_a_fallback_target_settles_and_alerts_against_the_budget_the_reservation_was_checked_against(
+    nats_url: str, pg_url: str, db: asyncpg.Pool, nc: NATS, metered: FakeOpenAI, account: str
+) -> None:
+    failing = FakeOpenAI(default=Scenario(status=500))
+    await failing.start()
+    try:
+        # Two pools of their own (a failing pool's breaker is shared state): the first fails, the second serves.
+        raw = msgspec.to_builtins(unlimited_config(metered))
+        raw["providers"] = {"failing": {**raw["providers"]["openai"], "base_url": failing.url + "/v1"},
+                            "spare": raw["providers"]["openai"]}
+        raw["pools"] = {"failing": {**raw["pools"]["openai"], "provider": "failing"},
+                        "spare": {**raw["pools"]["openai"], "provider": "spare"}}
+        raw["routes"] = {"draft": {"default": ["failing:metered", "spare:metered"]}}
+        cfg = config_mod.from_mapping(raw)
+        # The budget is the table's alone (the config has none): a request reserves $0.11 and costs about
+        # $0.071, past 5 % of $1.20. Were the budget lost on the hand-over, the worker would find no limit to
+        # alert against; were the reservation lost, nothing would be settled.
+        async with db.acquire() as conn:
+            await store.put_limits(conn, account, AccountLimits(daily_usd=1.2, alert_at=0.05))
+        alerts = await nc.subscribe("llm.alerts.budget")
+        async with limited_fleet(nats_url, pg_url, cfg) as routes:
+            await seen(lambda: routes.limits(account) is not None)
+            [done] = await burst(nc, account, 1)
+            used, spent = await settled(nc, account)
+        assert isinstance(done, Done), done
+        assert [(a.pool, a.error) for a in done.attempts] == [("failing", "PROVIDER_ERROR"), ("spare", None)]
+        assert failing.requests and metered.requests
+        assert used == spent == policy.to_micros(done.cost_usd or 0) > 0
+        event = msgspec.json.decode((await alerts.next_msg(timeout=5)).data)
+        assert (event["account"], event["threshold_pct"], event["limit_usd"], event["request_id"]) == (
+            account, 5, 1.2, done.id)
+        await alerts.unsubscribe()
+    finally:
+        await failing.stop()
