@@ -207,12 +207,13 @@ async def test_a_key_never_comes_from_the_command_line(
 async def test_missing_or_wrong_master_keys_and_no_database_are_one_line_each(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, cli_env: str, clean_keys: asyncpg.Pool
 ) -> None:
+    # The operator's master keys are the operator's mistake (exit 1); no database is no fleet (exit 2).
     assert (await keys_set(capsys, monkeypatch, a_key(), NAME)).code == 0
     # Another master key under the same version: nothing decrypts, nothing is changed.
     other = master(1)
     monkeypatch.setenv(MASTER_KEYS_ENV, other)
     r = await switchyard(capsys, "keys", "rotate")
-    assert r.code == 2 and r.err.count("\n") == 1
+    assert r.code == 1 and r.err.count("\n") == 1
     assert r.err.startswith(f"switchyard: key {NAME} (global) does not decrypt with master key version 1")
     assert other.partition(":")[2] not in r.err and cli_env.partition(":")[2] not in r.err
     r = await switchyard(capsys, "keys", "list")
@@ -220,17 +221,17 @@ async def test_missing_or_wrong_master_keys_and_no_database_are_one_line_each(
     # Only a newer version listed: the row's version is not there.
     monkeypatch.setenv(MASTER_KEYS_ENV, master(2))
     r = await switchyard(capsys, "keys", "rotate")
-    assert r.code == 2 and r.err.count("\n") == 1
+    assert r.code == 1 and r.err.count("\n") == 1
     assert "is encrypted under master key version 1, which SWITCHYARD_MASTER_KEYS does not list" in r.err
     assert "nothing was rotated" in r.err
     assert await clean_keys.fetchval("SELECT key_version FROM llm_provider_keys") == 1
 
     monkeypatch.delenv(MASTER_KEYS_ENV)
     r = await keys_set(capsys, monkeypatch, a_key(), NAME)
-    assert r.code == 2 and r.err.startswith("switchyard: SWITCHYARD_MASTER_KEYS is not set;") and r.err.count("\n") == 1
+    assert r.code == 1 and r.err.startswith("switchyard: SWITCHYARD_MASTER_KEYS is not set;") and r.err.count("\n") == 1
     monkeypatch.setenv(MASTER_KEYS_ENV, "1:bm90LTMyLWJ5dGVz")
     r = await switchyard(capsys, "keys", "list")
-    assert r.code == 2 and "the key is 12 bytes" in r.err and "bm90LTMyLWJ5dGVz" not in r.err
+    assert r.code == 1 and "the key is 12 bytes" in r.err and "bm90LTMyLWJ5dGVz" not in r.err
     monkeypatch.setenv(MASTER_KEYS_ENV, cli_env)
     monkeypatch.delenv("DATABASE_URL")
     r = await switchyard(capsys, "keys", "list")

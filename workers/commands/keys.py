@@ -75,12 +75,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     keys.set_defaults(run=keys_command)
 
 
+class _Refused(Exception):
+    """The operator's master keys cannot do what was asked (one line, exit code 1); the message says why."""
+
+
 def _master() -> MasterKeys:
-    """Raises NoFleet (one line, exit code 2) when SWITCHYARD_MASTER_KEYS is missing or malformed."""
+    """Raises _Refused when SWITCHYARD_MASTER_KEYS is missing or malformed."""
     try:
         return master_keys_from_env()
     except SecretsError as exc:
-        raise NoFleet(str(exc)) from None
+        raise _Refused(str(exc)) from None
 
 
 def _read_secret(name: str, account: str | None) -> str:
@@ -103,21 +107,30 @@ def _whose(name: str, account: str | None) -> str:
 
 
 async def keys_command(args: argparse.Namespace) -> int:
-    """Raises NoFleet (exit code 2) when the master keys or the database are missing or unusable."""
-    match args.action:
-        case "set":
-            return await _set(args)
-        case "list":
-            return await _list(args)
-        case "rotate":
-            return await _rotate(args)
-        case _:
-            async with database(args.data_dir) as conn:
-                if not await store.delete(conn, args.name, args.account):
-                    say(f"no stored {_whose(args.name, args.account)}; `switchyard keys list` shows what is stored")
-                    return REFUSED
-            print(f"deleted the stored {_whose(args.name, args.account)}; workers stop using it within seconds")
-            return OK
+    """Exit code 1 (one line) when the master keys are missing, malformed or do not open a stored row.
+    Raises NoFleet (exit code 2) when the database is not there or cannot be reached."""
+    try:
+        match args.action:
+            case "set":
+                return await _set(args)
+            case "list":
+                return await _list(args)
+            case "rotate":
+                return await _rotate(args)
+            case _:
+                return await _delete(args)
+    except _Refused as exc:
+        say(str(exc))
+        return REFUSED
+
+
+async def _delete(args: argparse.Namespace) -> int:
+    async with database(args.data_dir) as conn:
+        if not await store.delete(conn, args.name, args.account):
+            say(f"no stored {_whose(args.name, args.account)}; `switchyard keys list` shows what is stored")
+            return REFUSED
+    print(f"deleted the stored {_whose(args.name, args.account)}; workers stop using it within seconds")
+    return OK
 
 
 async def _set(args: argparse.Namespace) -> int:
@@ -177,7 +190,7 @@ async def _rotate(args: argparse.Namespace) -> int:
         try:
             done = await store.rotate(conn, master)
         except SecretsError as exc:
-            raise NoFleet(f"{exc}; nothing was rotated") from None
+            raise _Refused(f"{exc}; nothing was rotated") from None
     if args.json:
         print(msgspec.json.encode(done).decode())
         return OK
