@@ -533,6 +533,18 @@ def test_ask_with_the_producer_credential_is_answered(secure_up: Up) -> None:
     assert other.returncode == 2 and "creds new-producer zeta" in other.stderr
 
 
+def test_health_finds_the_secure_fleets_processes_with_its_admin_credential(secure_up: Up) -> None:
+    for _ in range(6):  # as a probe would: the worker may still be starting right after `ready`
+        health = _switchyard(secure_up, "health", "--role", "worker", "--pool", "demo")
+        if health.returncode == 0:
+            break
+    assert health.returncode == 0 and health.stdout.startswith("healthy: worker of pool demo"), health.stderr
+    # Another role's credential may not ask the processes how they are.
+    seed = str(secure_up.data_dir / "auth" / "producer-demo.nk")
+    refused = _switchyard(secure_up, "health", "--role", "dispatcher", "--timeout", "1", NATS_NKEY_SEED_FILE=seed)
+    assert refused.returncode == 1 and refused.stderr.startswith("switchyard: health: unhealthy"), refused.stderr
+
+
 def test_without_a_credential_the_cli_gets_one_line(secure_up: Up) -> None:
     # Another directory's state is not consulted: NATS_URL names the server, no credential is given.
     status = _switchyard(secure_up, "status", NATS_URL=secure_up.url)

@@ -16,7 +16,7 @@ from pathlib import Path
 from router.vitals import ROLES, ProcessStats, Role
 
 from .. import discovery
-from .fleet import connect_once, nats_url, say
+from .fleet import connect_once, credentials, nats_url, say
 from .status import seconds
 
 HEALTHY = 0
@@ -69,7 +69,8 @@ async def health(args: argparse.Namespace) -> int:
     url = nats_url(args.data_dir)
     what = f"{role} of pool {args.pool}" if args.pool else role
     try:
-        nc = await connect_once(url)
+        seed_file, _ = credentials(args.data_dir)  # NATS_NKEY_SEED_FILE, else a secure fleet's admin credential
+        nc = await connect_once(url, seed_file)
     except Exception as exc:
         say(f"health: unhealthy: cannot reach NATS at {url} ({type(exc).__name__})")
         return UNHEALTHY
