@@ -137,7 +137,8 @@ def over_limit_message(
     period = "daily" if kind == "day" else "monthly"
     return (
         f"{period} budget of ${usd(limit):.2f} for account {account} would be exceeded: ${usd(committed):.4f} is"
-        f" spent or reserved by requests in flight, and this request reserves up to ${usd(reserve):.4f} (its prompt"
+        f" spent or reserved (by requests in flight, or held for them by dispatchers), and this request reserves up"
+        f" to ${usd(reserve):.4f} (its prompt"
         " and max_tokens at the dearest target of its route); lower max_tokens, or wait for the next period"
     )
 
@@ -153,3 +154,100 @@ def crossed(before: int, after: int, limit: int, alert_at: float) -> list[int]:
         if before < mark <= after:
             out.append(pct)
     return out
+
+
+# Leases: a dispatcher reserves from a slice of the shared counter it holds, not from the counter itself.
+
+SLICE_SHARE = 0.02
+"""A slice is at most this share of the period's limit..."""
+SLICE_HEADROOM_DIVISOR = 8
+"""...and at most this fraction (1/8) of the headroom the dispatcher last saw, so slices shrink near the limit."""
+UNCAPPED_SLICE = 1_000_000
+"""The slice of a period without a limit (it is counted for `budget status` only): $1, or one reservation."""
+
+
+def slice_size(limit: int | None, seen: int, need: int) -> int:
+    """How much a dispatcher takes from a period's counter in one increment when its own slice is short of
+    `need` micro-dollars, having last seen the counter at `seen`: a few per cent of the limit while the
+    headroom is large, shrinking to exactly `need` near the limit (where it then behaves as one increment
+    per request). Never less than `need`."""
+    if limit is None:
+        return max(need, UNCAPPED_SLICE)
+    return max(need, min(int(limit * SLICE_SHARE), (limit - seen) // SLICE_HEADROOM_DIVISOR))
+
+
+def kept(limit: int | None, total: int, size: int, need: int) -> int:
+    """Of an increment of `size` whose answer was `total`, how much the dispatcher may keep: all of it when
+    the total is within the limit; else what still fitted under the limit before it (`limit - (total -
+    size)`) when that covers `need`; else 0 (all of it is given back, and the request is refused). Whatever
+    is kept fitted under the limit when it was added, so kept slices never take the counter past it."""
+    if limit is None or total <= limit:
+        return size
+    room = limit - (total - size)
+    return room if room >= need else 0
+
+
+class Slice:
+    """What one dispatcher holds of one account's period: micro-dollars counted on the shared counter that no
+    request of its own has reserved yet."""
+
+    __slots__ = ("last_ms", "remaining", "seen")
+
+    def __init__(self) -> None:
+        self.remaining = 0
+        self.last_ms = 0
+        """When a request last reserved from it (or it grew): idle slices are given back."""
+        self.seen = 0
+        """The counter's total the dispatcher last saw (for the next slice's size)."""
+
+    def take(self, amount: int, at_ms: int) -> bool:
+        """Reserve `amount` locally; False (nothing taken) when the slice is short of it."""
+        if amount > self.remaining:
+            return False
+        self.remaining -= amount
+        self.last_ms = at_ms
+        return True
+
+    def add(self, amount: int, at_ms: int) -> None:
+        """`amount` more is held: a new increment kept, or a reservation given back by its request."""
+        self.remaining += amount
+        self.last_ms = at_ms
+
+
+class Slices:
+    """A dispatcher's slices, by counter subject (one per account and period)."""
+
+    def __init__(self) -> None:
+        self.held: dict[str, Slice] = {}
+
+    def get(self, key: str) -> Slice:
+        got = self.held.get(key)
+        if got is None:
+            got = self.held[key] = Slice()
+        return got
+
+    def take(self, key: str, amount: int, at_ms: int) -> bool:
+        got = self.held.get(key)
+        return got is not None and got.take(amount, at_ms)
+
+    def due(self, at_ms: int, idle_ms: int, current: set[str]) -> list[tuple[str, int]]:
+        """Remove and return (key, remaining) of each slice idle for `idle_ms` or whose period has ended
+        (`current`: the period keys of now, e.g. `{"d20261130", "m202611"}`; a key ends in `.<period>.used`)."""
+        out: list[tuple[str, int]] = []
+        for key, s in list(self.held.items()):
+            ended = key.rsplit(".", 2)[-2] not in current
+            if ended or at_ms - s.last_ms >= idle_ms:
+                del self.held[key]
+                if s.remaining:
+                    out.append((key, s.remaining))
+        return out
+
+    def drain(self) -> list[tuple[str, int]]:
+        """Remove and return every slice's remainder (at shutdown)."""
+        out = [(k, s.remaining) for k, s in self.held.items() if s.remaining]
+        self.held.clear()
+        return out
+
+    def holding(self) -> int:
+        """Micro-dollars held, over all slices."""
+        return sum(s.remaining for s in self.held.values())

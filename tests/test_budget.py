@@ -138,3 +138,50 @@ def test_a_catalogue_price_is_read_for_rounded_up_tokens_never_below_the_exact_o
         assert exact is not None
         got = budget.reservation(cfg, req, chain, prompt)
         assert budget.to_micros(exact) <= got <= budget.to_micros(exact * 1.125) + 1
+
+
+def test_a_slice_is_a_few_per_cent_of_the_limit_and_shrinks_to_the_reservation_near_it() -> None:
+    limit = 100_000_000  # $100
+    assert budget.slice_size(limit, 0, 10_000) == 2_000_000  # 2 % while the headroom is large
+    assert budget.slice_size(limit, 90_000_000, 10_000) == 1_250_000  # 1/8 of the $10 left
+    assert budget.slice_size(limit, limit - 40_000, 10_000) == 10_000  # near the limit: exactly the reservation
+    assert budget.slice_size(limit, limit + 5, 10_000) == 10_000  # past it (a stale view): never below it
+    assert budget.slice_size(1_000_000, 0, 110_000) == 110_000  # a reservation above 2 % of the limit
+    assert budget.slice_size(None, 0, 10_000) == budget.UNCAPPED_SLICE
+    assert budget.slice_size(None, 0, 3_000_000) == 3_000_000
+
+
+def test_what_an_increment_keeps_never_takes_the_counter_past_the_limit() -> None:
+    limit = 1_000_000
+    assert budget.kept(limit, 900_000, 200_000, 50_000) == 200_000  # within the limit: all of it
+    assert budget.kept(limit, 1_050_000, 200_000, 50_000) == 150_000  # what fitted before it, enough for the request
+    assert budget.kept(limit, 1_180_000, 200_000, 50_000) == 0  # 20,000 fitted: less than the request needs
+    assert budget.kept(limit, 1_000_000, 200_000, 200_000) == 200_000  # exactly at the limit
+    assert budget.kept(None, 10**12, 5, 5) == 5  # no limit
+    # Increments racing on one counter, in the server's order: the kept ones sum to at most the limit.
+    total, kept = 0, []
+    for size in (400_000, 300_000, 500_000, 200_000, 100_000):
+        total += size
+        keep = budget.kept(limit, total, size, 100_000)
+        total -= size - keep
+        kept.append(keep)
+    assert kept == [400_000, 300_000, 300_000, 0, 0] and sum(kept) == total == limit
+
+
+def test_slices_take_locally_and_are_given_back_when_idle_or_their_period_ends() -> None:
+    slices = budget.Slices()
+    day, month, old = "llm.budget.acme.d20261130.used", "llm.budget.acme.m202611.used", "llm.budget.b.d20261129.used"
+    assert not slices.take(day, 1, 0)  # nothing held yet
+    slices.get(day).add(1_000, 0)
+    slices.get(month).add(500, 0)
+    slices.get(old).add(70, 0)
+    assert slices.take(day, 600, 100) and not slices.take(day, 600, 100) and slices.take(day, 400, 900)
+    assert slices.take(month, 500, 200)
+    assert slices.holding() == 70
+    current = {"d20261130", "m202611"}
+    assert slices.due(1_000, 1_500, current) == [("llm.budget.b.d20261129.used", 70)]  # its day ended
+    slices.get(day).add(250, 1_200)  # a reservation given back by its request
+    assert slices.due(1_800, 1_500, current) == []  # the month's is idle, but empty: dropped, nothing to give
+    assert set(slices.held) == {day}
+    assert slices.due(2_700, 1_500, current) == [(day, 250)]
+    assert slices.held == {} and slices.drain() == []

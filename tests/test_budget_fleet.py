@@ -210,19 +210,24 @@ async def test_a_redelivered_request_is_never_counted_twice(nats_url: str, nc: N
         first = await budgets.reserve(cfg, req, selection, published)
         again = await budgets.reserve(cfg, req, selection, published)  # the same request delivered again
         assert first == again == pytest.approx(0.11)
-        assert await _totals(nc, cfg) == (110_000, 0)
+        # The dispatcher leased a slice of 2 % of the $10 (one increment) and reserved $0.11 of it, once.
+        assert await _totals(nc, cfg) == (200_000, 0)
+        day = policy.periods(published, cfg.limits.timezone).day
+        assert budgets.slices.held[subject("llm", "acme", day, "used")].remaining == 90_000
         work = WorkItem(request=req, route=chain, accepted_ms=published, reserved_usd=first)
         await budgets.settle(cfg, work, 0.071, failed=False)
         await budgets.settle(cfg, work, 0.071, failed=False)  # a redelivered work item ending again
-        assert await _totals(nc, cfg) == (71_000, 71_000)
+        assert await _totals(nc, cfg) == (200_000 - 39_000, 71_000)
         # A request over the limit reserves nothing, however often it is delivered.
         big = msgspec.structs.replace(req, id="big", max_tokens=20_000)
         for _ in range(2):
             with pytest.raises(BudgetRefused, match=r"daily budget of \$10\.00"):
                 await budgets.reserve(cfg, big, selection, published)
-        assert await _totals(nc, cfg) == (71_000, 71_000)
+        assert await _totals(nc, cfg) == (161_000, 71_000)
     finally:
         await budgets.stop()
+    # Stopping gave the slice's unused $0.09 back: what is counted is what was spent.
+    assert await _totals(nc, cfg) == (71_000, 71_000)
 
 
 async def test_an_unpriced_target_under_a_budget_is_refused_with_a_clear_message(

@@ -3,35 +3,50 @@
 Spend lives in nats-server counters (stream `LLM_BUDGET`, `allow_msg_counter`), in integer
 micro-dollars, two per account and period (`d20261130`, `m202611`, in `limits.timezone`):
 
-- `<prefix>.budget.<account>.<period>.used`: spent plus reserved by requests in flight; the
-  number a reservation is checked against;
+- `<prefix>.budget.<account>.<period>.used`: spent, plus reserved by requests in flight, plus
+  the dispatchers' slices not reserved yet (below); the number a slice is checked against;
 - `<prefix>.budget.<account>.<period>.spent`: settled cost only (`budget status` shows
-  reserved = used − spent).
+  reserved = used − spent, slices held included).
 
 An increment is atomic and answers the new total, so the check is exact across any number of
-replicas: a dispatcher adds the request's worst case to both periods' `used` (one round trip,
-the two in parallel) and, when a total passes its limit, takes it back and refuses. Two
-requests that pass the limit together are both refused; spend never passes it.
+replicas. A dispatcher does not increment the counters per request: it leases a slice of each
+counter it needs (one increment of `used`, `router/budget.py`'s `slice_size`: ~2 % of the limit
+while the headroom is large, shrinking to exactly the request's reservation near the limit) and
+reserves requests' worst cases from its slices locally, with no round trip. When an increment takes
+a total past its limit, the part that did not fit goes back at once (one decrement) and, when what
+fitted cannot cover the request, so does the rest and the request is refused: kept slices fitted
+under the limit when they were added, so `used` (spent + reserved + slices held) never stays past
+it and spend never passes it. Two requests that pass the limit together may both be refused.
 
-Every increment carries a `Nats-Msg-Id` derived from the account, the request id and the
-period, so a redelivered request or work item is never counted twice (within the stream's
-duplicate window, `DUPLICATE_WINDOW_S`):
+`used` keeps meaning "committed": the real spend of settled requests, the reservations of requests
+in flight, and the unused remainders of dispatchers' slices. A dispatcher gives a remainder back
+(one decrement, with a `Nats-Msg-Id` so that a retry is not counted twice) once its slice has been
+idle for `IDLE_S`, when its period ends, and when it stops (`Budgets.stop`). A dispatcher that dies
+leaves its remainders counted until the period ends (erring on refusing, never on overspending).
 
-- `res:` the reservation (dispatcher). A redelivery finds its own earlier reservation (a
-  duplicate) and reads what it reserved and the total it saw from the stored increment, so it
-  makes the same decision: forward with the same reservation, or refuse and release.
-- `rel:` a dispatcher's release of a reservation it refused or could not forward.
+The worker's increments carry a `Nats-Msg-Id` derived from the account, the request id and the
+period, so a redelivered work item is never counted twice (within the stream's duplicate window,
+`DUPLICATE_WINDOW_S`):
+
 - `set:` the settlement on `used` (real cost − reserved; −reserved when the request failed) and
   `spent:` the cost on `spent`, both by the worker in `PoolWorker._end`, through which every end
   passes (done, error, give-up, a stream lost with its worker). A lost worker's item is
   delivered again and ends there. The periods are those of the request's publish time, so a
-  request that ends after midnight settles in the day it reserved in.
+  request that ends after midnight settles in the day it reserved in. The settlement returns the
+  unused part of the reservation to the shared counter, not to the dispatcher's slice.
 
-What is not released by itself (the reservation stays counted, which errs on refusing, never on
-overspending, until `budget reset` or the period's end): a dispatcher that gives up on a request
-it reserved for (its forward failing five times); a redelivery later than the duplicate window
-after the first delivery (dispatchers redeliver after 30 s, so only a dispatcher outage longer
-than the window does this; the request then reserves again and its first reservation stays).
+A dispatcher remembers the reservations it made (`HELD_MAX`, by account and request id), so a
+request delivered to it again finds its own; its release (a refused or unforwardable request) goes
+back to the slice, no round trip. A request delivered again to *another* dispatcher reserves again
+from that one's slice and is settled once (the work item is handed over once, idempotent on the
+request id): one of its two reservations stays counted until the period ends, erring on refusing.
+
+What else is not released by itself (the reservation stays counted, which errs on refusing, never
+on overspending, until the period's end; `budget reset` forgets spend, not reservations): a
+dispatcher that gives up on a request it reserved for (its forward failing five times); a slice
+increment or give-back that failed in a way that leaves unknown whether it landed (it is taken as
+not landed: an increment's slice is not used, a give-back is tried again with its message id until
+the connection closes).
 
 Crossing a budget's `alert_at` (and 100 %) with settled spend publishes one
 `<prefix>.alerts.budget` event per account, period and threshold: the increment that crosses is
@@ -41,13 +56,17 @@ keeps it to once even after a reset.
 Which budget applies is router/limits.py's: the account's row of PostgreSQL's `llm_account_limits`
 (followed by the dispatcher, workers/accounts.py), then the config. An account with no budget at all
 (both amounts `"unlimited"`) reserves nothing: no round trip, no counters. A period without a budget
-is still reserved and settled (so `budget status` shows its spend) but never refuses. The work item
+is still reserved (from slices of `UNCAPPED_SLICE`, $1) and settled (so `budget status` shows its
+spend) but never refuses. The work item
 carries the limits the reservation was checked against, and the worker's alerts use them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import uuid
+from collections import OrderedDict
 
 import msgspec
 import structlog
@@ -75,6 +94,14 @@ _DAY_S = 86_400.0
 MAX_AGE_S = 40 * _DAY_S
 """A month's counters outlive the month; older periods are dropped by age."""
 _INCR = "Nats-Incr"
+IDLE_S = 1.5
+"""A slice no request reserved from for this long is given back."""
+SWEEP_S = 0.5
+"""How often a dispatcher looks for idle slices."""
+STOP_S = 5.0
+"""How long a stopping dispatcher tries to give its slices back."""
+HELD_MAX = 16_384
+"""Reservations remembered per dispatcher, so that a request delivered to it again reserves nothing more."""
 
 
 def subject(prefix: str, account: str, period: str, kind: str) -> str:
@@ -109,12 +136,23 @@ _KINDS: tuple[policy.PeriodKind, policy.PeriodKind] = ("day", "month")
 
 
 class Budgets:
-    """Reservations (dispatcher), settlements and alerts (worker) for one process."""
+    """Reservations from leased slices (dispatcher), settlements and alerts (worker) for one process."""
 
     def __init__(self, js: JetStreamContext, prefix: str) -> None:
         self.js = js
         self.prefix = prefix
         self._alerts: KeyValue | None = None
+        self.slices = policy.Slices()
+        """What this process holds of the accounts' counters (a dispatcher's; a worker holds none)."""
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._held: OrderedDict[str, int] = OrderedDict()
+        """Reservations made here, by `<account> <request id>`, so that a redelivery to this process finds its own."""
+        self._back: list[tuple[str, int, str]] = []
+        """Give-backs (subject, amount, message id) that did not go out yet: tried again, idempotently."""
+        self._sweeper: asyncio.Task[None] | None = None
+        self._timezone = "UTC"
+        self._id = uuid.uuid4().hex[:12]
+        self._seq = 0
 
     @classmethod
     async def open(cls, js: JetStreamContext, prefix: str) -> Budgets:
@@ -128,19 +166,39 @@ class Budgets:
         self._alerts = await alerts_bucket(self.js)
 
     async def stop(self) -> None:
-        """Nothing to stop; kept so that a process ends what it opened."""
+        """Give back every slice this process holds (a dispatcher at shutdown). What does not go out stays
+        counted until the period ends, which errs on refusing."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(BaseException):
+                await self._sweeper
+            self._sweeper = None
+        self._queue_back(self.slices.drain())
+        try:
+            async with asyncio.timeout(STOP_S):
+                await self._give_back()
+        except TimeoutError:
+            pass
+        if self._back:
+            log.warning("budget_slices_not_given_back", usd=policy.usd(sum(a for _, a, _ in self._back)),
+                        effect="counted until the period ends (erring on refusing)")
+            self._back.clear()
 
-    async def _incr(self, subj: str, delta: int, msg_id: str) -> PubAck:
-        return await self.js.publish(subj, b"", headers={_INCR: str(delta), "Nats-Msg-Id": msg_id})
+    async def _incr(self, subj: str, delta: int, msg_id: str | None = None) -> PubAck:
+        headers = {_INCR: str(delta)}
+        if msg_id is not None:
+            headers["Nats-Msg-Id"] = msg_id
+        return await self.js.publish(subj, b"", headers=headers)
 
     async def reserve(
         self, cfg: Config, req: Request, selection: Selection, published_ms: int, own: AccountLimits | None = None
     ) -> float:
         """Reserve `req`'s worst case in its account's day and month (`own`: the account's row of the account
-        table, over the config). Returns the reservation in USD (0: its chain is free, or its account has no
-        budget: nothing counted, no round trip). Raises BudgetRefused when a period's limit would be passed
-        (nothing stays reserved) or the chain has a target without a price; NATS errors as nats-py raises
-        them."""
+        table, over the config), from this dispatcher's slices of the two counters, taking a new slice of a
+        counter (one increment) only when its own cannot cover it. Returns the reservation in USD (0: its chain
+        is free, or its account has no budget: nothing counted). Raises BudgetRefused when a period's limit
+        would be passed (nothing stays reserved) or the chain has a target without a price; NATS errors as
+        nats-py raises them (nothing stays reserved)."""
         limits = policy.limits_for(cfg, req.account, req.tier, own)
         if limits is None:
             return 0.0
@@ -150,49 +208,117 @@ class Budgets:
             raise BudgetRefused(str(exc)) from None
         if amount == 0:
             return 0.0
+        mine = f"{req.account} {req.id}"
+        if (earlier := self._held.get(mine)) is not None:  # delivered here again: what it reserved then
+            self._held.move_to_end(mine)
+            return policy.usd(earlier)
+        self._timezone = cfg.limits.timezone
         per = policy.periods(published_ms, cfg.limits.timezone)
-        caps = {k: policy.cap(limits, k) for k in _KINDS}
-        keys = {k: per.of(k) for k in _KINDS}
-        used = {k: subject(self.prefix, req.account, keys[k], "used") for k in _KINDS}
-        acks = await asyncio.gather(*(
-            self._incr(used[k], amount, f"res:{req.account}:{req.id}:{keys[k]}") for k in _KINDS
-        ))
-        held = {k: amount for k in _KINDS}
-        totals: dict[policy.PeriodKind, int] = {}
-        for k, ack in zip(_KINDS, acks, strict=True):
-            if ack.duplicate:  # a redelivery: what the first delivery reserved, and the total it saw
-                held[k], totals[k] = await self._stored(ack)
-            else:
-                totals[k] = int(ack.val or 0)
-        over = [(k, c) for k in _KINDS if (c := caps[k]) is not None and totals[k] > c]
-        if over:
-            await asyncio.gather(*(
-                self._incr(used[k], -held[k], f"rel:{req.account}:{req.id}:{keys[k]}") for k in _KINDS
-            ))
-            k, c = over[0]
-            raise BudgetRefused(policy.over_limit_message(req.account, k, c, totals[k] - held[k], held[k]))
-        first = held["day"]
-        if held["month"] != first:  # a redelivery that reserved one period afresh: align it with the other
-            await self._incr(used["month"], first - held["month"], f"fix:{req.account}:{req.id}:{keys['month']}")
-        return policy.usd(first)
+        used = {k: subject(self.prefix, req.account, per.of(k), "used") for k in _KINDS}
+        at = now_ms()
+        short = [k for k in _KINDS if not self.slices.take(used[k], amount, at)]
+        if short:
+            got = await asyncio.gather(*(self._lease(used[k], policy.cap(limits, k), amount) for k in short),
+                                       return_exceptions=True)
+            failed = [(k, g) for k, g in zip(short, got, strict=True) if g is not True]
+            if failed:  # what was reserved for this request in the other period goes back to its slice
+                for k in _KINDS:
+                    if k not in dict(failed):
+                        self.slices.get(used[k]).add(amount, at)
+                self._ensure_sweeper()
+                k, why = failed[0]
+                if isinstance(why, BaseException):
+                    raise why
+                cap = policy.cap(limits, k)
+                assert cap is not None and isinstance(why, int)
+                raise BudgetRefused(policy.over_limit_message(req.account, k, cap, why, amount))
+        self._held[mine] = amount
+        if len(self._held) > HELD_MAX:
+            self._held.popitem(last=False)
+        self._ensure_sweeper()
+        return policy.usd(amount)
 
-    async def _stored(self, ack: PubAck) -> tuple[int, int]:
-        """The increment and resulting total of the stored message a duplicate publish points at."""
-        msg = await self.js.get_msg(STREAM, seq=ack.seq, direct=True)
-        total = msgspec.json.decode(msg.data or b'{"val": "0"}', type=dict[str, str]).get("val", "0")
-        return int((msg.headers or {}).get(_INCR, "0")), int(total)
+    async def _lease(self, subj: str, cap: int | None, amount: int) -> bool | int:
+        """Reserve `amount` for one request from what is left of this dispatcher's slice of `subj` and a new
+        slice (one increment, shared with the requests waiting for it when the slice is larger than they
+        need). True: reserved; an int: refused, the counter's total before the increment (for the message)."""
+        own = self.slices.get(subj)
+        need = amount - own.remaining
+        if policy.slice_size(cap, own.seen, need) == need:  # near the limit: in parallel, as without slices
+            return await self._grow(subj, cap, amount)
+        lock = self._locks.setdefault(subj, asyncio.Lock())
+        try:
+            async with lock:
+                if self.slices.take(subj, amount, now_ms()):  # the slice a request before this one took covers it
+                    return True
+                return await self._grow(subj, cap, amount)
+        finally:
+            if not lock.locked() and self._locks.get(subj) is lock:
+                del self._locks[subj]
+
+    async def _grow(self, subj: str, cap: int | None, amount: int) -> bool | int:
+        held = self.slices.get(subj)
+        rest = min(held.remaining, amount)
+        held.remaining -= rest  # this request's, whatever happens next: put back unless it is reserved
+        need = amount - rest
+        size = policy.slice_size(cap, held.seen, need)
+        try:
+            total = int((await self._incr(subj, size)).val or 0)
+        except BaseException:
+            self.slices.get(subj).add(rest, now_ms())
+            raise
+        keep = policy.kept(cap, total, size, need)
+        held = self.slices.get(subj)  # (the sweeper may have dropped the slice meanwhile)
+        held.seen = total - size + keep
+        if keep == 0:
+            held.add(rest, now_ms())
+            await self._incr(subj, -size)  # refused: the increment goes back at once
+            return total - size
+        held.add(keep - need, now_ms())
+        if keep < size:  # what did not fit under the limit goes back at once
+            await self._incr(subj, keep - size)
+        return True
+
+    def _ensure_sweeper(self) -> None:
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Give back slices idle for IDLE_S or whose period ended; ends when nothing is held."""
+        while self.slices.held or self._back:
+            await asyncio.sleep(SWEEP_S)
+            current = policy.periods(now_ms(), self._timezone)
+            self._queue_back(self.slices.due(now_ms(), int(IDLE_S * 1000), {current.day, current.month}))
+            await self._give_back()
+            if self._back and getattr(getattr(self.js, "_nc", None), "is_closed", False):
+                self._back.clear()  # the connection is gone: counted until the period ends
+                return
+
+    def _queue_back(self, due: list[tuple[str, int]]) -> None:
+        for subj, amount in due:
+            self._seq += 1
+            self._back.append((subj, amount, f"back:{self._id}:{self._seq}"))
+
+    async def _give_back(self) -> None:
+        """One decrement per slice given back, with a message id so that a retry is never counted twice."""
+        pending, self._back = self._back, []
+        results = await asyncio.gather(*(self._incr(s, -a, m) for s, a, m in pending), return_exceptions=True)
+        for item, res in zip(pending, results, strict=True):
+            if isinstance(res, BaseException):
+                self._back.append(item)
+                log.debug("budget_give_back_failed", error=repr(res))
 
     async def release(self, cfg: Config, req: Request, published_ms: int, reserved_usd: float) -> None:
-        """Give back a reservation the dispatcher will not forward (idempotent)."""
-        amount = policy.to_micros(reserved_usd)
-        if amount == 0:
+        """Give back a reservation this dispatcher made and will not forward: to its slices, no round trip
+        (they are given back to the counters when idle). Once only: a second release finds nothing."""
+        amount = self._held.pop(f"{req.account} {req.id}", None)
+        if not amount:
             return
         per = policy.periods(published_ms, cfg.limits.timezone)
-        await asyncio.gather(*(
-            self._incr(subject(self.prefix, req.account, per.of(k), "used"), -amount,
-                       f"rel:{req.account}:{req.id}:{per.of(k)}")
-            for k in _KINDS
-        ))
+        at = now_ms()
+        for k in _KINDS:
+            self.slices.get(subject(self.prefix, req.account, per.of(k), "used")).add(amount, at)
+        self._ensure_sweeper()
 
     async def settle(self, cfg: Config, work: WorkItem, cost_usd: float | None, *, failed: bool) -> None:
         """Turn the work item's reservation into its real cost (a failed request costs nothing; a cost

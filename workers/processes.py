@@ -137,6 +137,8 @@ async def _run_dispatcher(
                 tg.create_task(live.follow(js, stop))
                 await dispatcher.serve(stop)
         finally:
+            if dispatcher.budgets is not None:
+                await dispatcher.budgets.stop()  # gives back the unused slices of the accounts' budgets
             await discovery.stop_quietly(found)
             await service.stop()
             await health.stop()

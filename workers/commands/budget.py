@@ -39,6 +39,8 @@ class PeriodSpend(msgspec.Struct, kw_only=True):
     """Which one: `d20261130`, `m202611`."""
     spent_usd: float
     reserved_usd: float
+    """Reserved by requests in flight, plus the slices dispatchers hold for the account and have not reserved
+    yet (given back within about 2 s of the last request; a dead dispatcher's stay until the period ends)."""
     limit_usd: float | None
     """None: no budget for this period (`unlimited`)."""
     percent: float | None
@@ -59,7 +61,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     where.add_argument("--config", default=None, help="the config for limits and time zone (default: the fleet's)")
     b = sub.add_parser("budget", help="accounts' spend against their budgets: status, set, reset")
     actions = b.add_subparsers(dest="action", required=True)
-    status = actions.add_parser("status", parents=[where], help="spent, reserved, limit and % for day and month")
+    status = actions.add_parser("status", parents=[where], help="spent, reserved (slices held by dispatchers"
+                                    " included), limit and % for day and month")
     status.add_argument("--account", help="one account (default: every account with spend or its own limits)")
     status.add_argument("--json", action="store_true", help="a JSON array instead of a table")
     put = actions.add_parser("set", parents=[where], help="an account's own daily and/or monthly limit (the budget"
