@@ -37,6 +37,8 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/bench_health.py
 	$(BIN)/python bench/bench_limits.py
 	$(BIN)/python bench/bench_metrics.py
+	$(BIN)/python bench/bench_budget.py
+	$(BIN)/python bench/bench_tracing.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
