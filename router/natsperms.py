@@ -30,8 +30,7 @@ Role = Literal["producer", "dispatcher", "worker", "auditor", "admin"]
 STREAMS = ("LLM_REQ", "LLM_WORK", "LLM_EVENTS", "LLM_DLQ", "LLM_RES", "LLM_BUDGET")
 """The fleet's streams (workers/runtime.py)."""
 BUCKETS = (
-    "llm_config", "llm_streams", "llm_rates", "llm_breakers", "llm_credit", "llm_pools",
-    "llm_budget_limits", "llm_budget_alerts",
+    "llm_config", "llm_streams", "llm_rates", "llm_breakers", "llm_credit", "llm_pools", "llm_budget_alerts",
 )
 """The fleet's KV buckets; each is the stream `KV_<bucket>`."""
 

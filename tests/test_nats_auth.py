@@ -342,13 +342,12 @@ async def test_each_fleet_role_does_its_own_work_on_the_shared_state_unrefused(s
 
 
 @pytest.mark.parametrize(("role", "name", "subject"), [
-    # a worker: another pool's breaker, key reports and rate state; the dispatcher's part; a bucket's limits
+    # a worker: another pool's breaker, key reports and rate state; the dispatcher's part; a bucket's config
     ("worker", "openai", "$KV.llm_breakers.anthropic"),
     ("worker", "openai", "$KV.llm_pools.anthropic.w1"),
     ("worker", "openai", "$KV.llm_rates.pool.anthropic"),
     ("worker", "openai", "$KV.llm_rates.a.acme"),
     ("worker", "openai", "$KV.llm_rates.h.1"),
-    ("worker", "openai", "$KV.llm_budget_limits.acme"),
     ("worker", "openai", "$JS.API.STREAM.UPDATE.KV_llm_breakers"),
     ("worker", "openai", "$JS.API.STREAM.PURGE.KV_llm_breakers"),
     # the dispatcher: no breaker, credit, key report, pool rate, stream progress, alert or settled spend
