@@ -15,7 +15,6 @@ import contextlib
 import json
 import re
 import socket
-import subprocess
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -40,8 +39,9 @@ from workers import metrics as metrics_mod
 from workers import processes
 from workers.metrics import AuditorMetrics, DispatcherMetrics, WorkerMetrics
 
-from .conftest import free_port, nats_server_binary, wait_port
+from .conftest import free_port
 from .helpers import ask_raw, request
+from .process_fleet import nats_server
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -106,18 +106,8 @@ def _value(text: str, sample: str, **labels: str) -> float:
 
 @pytest.fixture(scope="module")
 def module_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port),
-         "-sd", str(tmp_path_factory.mktemp("metrics-js"))],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_port(port)
-        yield f"nats://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with nats_server(tmp_path_factory.mktemp("metrics-js")) as url:
+        yield url
 
 
 async def _scrape(http: httpx.AsyncClient, url: str) -> str:
