@@ -1,6 +1,7 @@
 """A fleet run as production runs it (workers/processes.py: `run_dispatcher`, `run_worker`, `run_auditor`), in
 this process: each role on its own connections with its own stop event, so a test can stop one and start it
-again. For the tests of discovery and status, which look at what those functions register.
+again. For the tests of discovery and status, which look at what those functions register; `nats_server`
+also serves other modules that want a server of their own.
 
 Module-scoped helpers: one nats-server and one fleet per test module.
 """
@@ -23,10 +24,12 @@ from .conftest import free_port, nats_server_binary, wait_port
 
 
 @contextlib.contextmanager
-def nats_server(store: Path) -> Iterator[str]:
+def nats_server(store: Path | None) -> Iterator[str]:
+    """A nats-server of the caller's own, with JetStream in `store` (None: without JetStream)."""
     port = free_port()
+    jetstream = ["-js", "-sd", str(store)] if store is not None else []
     proc = subprocess.Popen(
-        [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store)],
+        [nats_server_binary(), *jetstream, "-a", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 from nats.aio.client import Client as NATS
 
-from .conftest import free_port, nats_server_binary, wait_port
+from .process_fleet import nats_server
 
 SWITCHYARD = str(Path(sys.executable).parent / "switchyard")
 
@@ -93,15 +93,8 @@ def test_up_checks_the_otel_variables_before_starting_anything(tmp_path: Path) -
 
 @pytest.fixture
 def nats_without_jetstream() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen([nats_server_binary(), "-a", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_port(port)
-        yield f"nats://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with nats_server(None) as url:
+        yield url
 
 
 @pytest.mark.parametrize("command", [["status"], ["ask", "hello"], ["dlq", "list"]])
