@@ -3,7 +3,8 @@ this process: each role on its own connections with its own stop event, so a tes
 again. For the tests of discovery and status, which look at what those functions register; `nats_server`
 also serves other modules that want a server of their own.
 
-Module-scoped helpers: one nats-server and one fleet per test module.
+Module-scoped helpers: one nats-server and one fleet per test module. A module that imports `module_server`
+and `module_conn` has the fixtures `server` (its own nats-server) and `conn` (a connection to it).
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import nats
+import pytest
+import pytest_asyncio
 from nats.aio.client import Client as NATS
 
 from router.config import Config
@@ -38,6 +42,31 @@ def nats_server(store: Path | None) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.fixture(scope="module", name="server")
+def module_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with nats_server(tmp_path_factory.mktemp("js")) as url:
+        yield url
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module", name="conn")
+async def module_conn(server: str) -> AsyncIterator[NATS]:
+    c = await nats.connect(server)
+    yield c
+    await c.close()
+
+
+@contextlib.contextmanager
+def fleet_env(server: str, keys: dict[str, str]) -> Iterator[None]:
+    """The environment of the fleet and the commands a test runs: NATS_URL `server`, the providers' keys
+    (by variable), and no DATABASE_URL."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NATS_URL", server)
+        for name, value in keys.items():
+            mp.setenv(name, value)
+        mp.delenv("DATABASE_URL", raising=False)
+        yield
 
 
 class Proc:

@@ -34,7 +34,7 @@ from workers.publish import Publisher
 
 from .conftest import fleet_config
 from .helpers import ask_raw, request, switchyard
-from .process_fleet import ProcessFleet, live, nats_server
+from .process_fleet import ProcessFleet, fleet_env, live, module_conn, module_server  # noqa: F401  (fixtures server, conn)
 
 SWITCHYARD = str(Path(sys.executable).parent / "switchyard")
 BROKEN_KEY = "zz-broken-Rt5Yw8NcL2vQpM"
@@ -42,18 +42,8 @@ BROKEN_KEY = "zz-broken-Rt5Yw8NcL2vQpM"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with nats_server(tmp_path_factory.mktemp("js")) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
 def env(server: str) -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NATS_URL", server)
-        mp.setenv("SY_TEST_OPENAI_KEY", "sk-test-Vb3NqL8sXe2Rk")
-        mp.setenv("SY_TEST_BROKEN_KEY", BROKEN_KEY)
-        mp.delenv("DATABASE_URL", raising=False)
+    with fleet_env(server, {"SY_TEST_OPENAI_KEY": "sk-test-Vb3NqL8sXe2Rk", "SY_TEST_BROKEN_KEY": BROKEN_KEY}):
         yield
 
 
@@ -75,13 +65,6 @@ async def cfg(fakes: tuple[FakeOpenAI, FakeOpenAI]) -> Config:
     good, broken = fakes
     return fleet_config({"openai": good.url + "/v1", "broken": broken.url + "/v1"},
                         audit={"events_retention_days": 3})
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def conn(server: str) -> AsyncIterator[NATS]:
-    c = await nats.connect(server)
-    yield c
-    await c.close()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
 import pytest_asyncio
 from nats.aio.client import Client as NATS
@@ -32,7 +31,7 @@ from workers.runtime import ensure_topology
 
 from .conftest import fleet_config
 from .helpers import ask_raw, request, switchyard
-from .process_fleet import ProcessFleet, live, nats_server
+from .process_fleet import ProcessFleet, fleet_env, live, module_conn, module_server  # noqa: F401  (fixtures server, conn)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -43,17 +42,8 @@ WAIT = "1.5"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with nats_server(tmp_path_factory.mktemp("js")) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
 def env(server: str) -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NATS_URL", server)
-        mp.setenv(KEY_ENV, "sk-test-Hq7ZtK2mPw9xJd")
-        mp.delenv("DATABASE_URL", raising=False)
+    with fleet_env(server, {KEY_ENV: "sk-test-Hq7ZtK2mPw9xJd"}):
         yield
 
 
@@ -82,13 +72,6 @@ async def fleet(server: str, pg_url: str, cfg: Config, env: None) -> AsyncIterat
         yield f
     finally:
         await f.close()
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def conn(server: str) -> AsyncIterator[NATS]:
-    c = await nats.connect(server)
-    yield c
-    await c.close()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
