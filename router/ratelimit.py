@@ -10,6 +10,16 @@ moves TAT to `max(TAT, at) + n·T`. Two dimensions exist: requests (`n` = 1, `T`
 A request may also be *booked* for a later moment (`wait_us`): its place in the schedule is taken now,
 so requests that wait are served in the order they asked and a fresh one cannot take their turn.
 
+A replica may also *lease* `k` request tokens in one decision (`take=k`: TAT moves by `k·T`), admit the
+request that asked with the first and the account's next `k − 1` requests locally with the others, each
+only until `V` after the debit (`lease_validity_us`). The size is adaptive and keeps the limit exact
+where it matters: `k = 1` (no lease) unless at least half the burst is available, and `k` ≤ burst / 4
+(`lease_cap`), so `per_second × V` ≤ burst / 4. A leased token is spent when it is debited, so the
+debits keep the bucket's exact shape; only its use may come up to `V` later. Over any window of `W`
+seconds the admissions are therefore at most what the exact limiter allows over `W + V`:
+`burst + per_second × W + ⌊burst / 4⌋`, and at most `burst + per_second × W + Σ (k − 1)` over the
+replicas' live leases (one per account per replica). Unused leased tokens are lost (erring on refusing).
+
 Everything here is pure: the clock is a parameter, and the shared copy of the state lives in
 workers/ratelimits.py.
 """
@@ -76,11 +86,15 @@ def estimated_tokens(req: Request) -> int:
     return needs(req).prompt_tokens + (req.max_tokens or DEFAULT_ANSWER_TOKENS)
 
 
-def decide(state: RateState, limit: RateLimit, now_us: int, *, tokens: int = 0, wait_us: int = 0) -> Decision:
+def decide(
+    state: RateState, limit: RateLimit, now_us: int, *, tokens: int = 0, wait_us: int = 0, take: int = 1
+) -> Decision:
     """Whether one request (of `tokens` estimated tokens, counted only when the limit has
-    `tokens_per_minute`) is admitted now, or booked for a moment within `wait_us` from now."""
+    `tokens_per_minute`) is admitted now, or booked for a moment within `wait_us` from now. `take` > 1
+    debits that many request tokens at once (a lease, see `lease_size`); its refusal's hint is for all
+    of them, so a caller refused a lease asks again for one token."""
     req_t = US / per_second(limit)
-    at = _conforms_at(state.requests_us, now_us, 1, req_t, limit.burst)
+    at = _conforms_at(state.requests_us, now_us, take, req_t, limit.burst)
     tpm = limit.tokens_per_minute
     tok_t = 60 * US / tpm if tpm else 0.0
     if tpm:
@@ -92,10 +106,99 @@ def decide(state: RateState, limit: RateLimit, now_us: int, *, tokens: int = 0, 
     if at - now_us > max(wait_us, 0):
         return Decision(False, at, state, retry_after_ms=-(-(at - now_us) // 1000))
     new = RateState(
-        requests_us=math.ceil(max(state.requests_us, at) + req_t),
+        requests_us=math.ceil(max(state.requests_us, at) + take * req_t),
         tokens_us=math.ceil(max(state.tokens_us, at) + tokens * tok_t) if tpm else 0,
     )
     return Decision(True, at, new)
+
+
+LEASE_SHARE = 4
+"""A lease takes at most burst // LEASE_SHARE tokens, and only while at least half the burst is there."""
+
+
+def lease_cap(limit: RateLimit) -> int:
+    """The most request tokens one lease may take: burst // LEASE_SHARE; 1 (no lease: every decision
+    exact) with `tokens_per_minute` (each request's tokens differ) or without a request rate."""
+    if limit.tokens_per_minute or math.isinf(per_second(limit)):
+        return 1
+    return max(1, limit.burst // LEASE_SHARE)
+
+
+def lease_validity_us(limit: RateLimit) -> int:
+    """`V`: how long after its debit a leased token may be used: the time the bucket takes to refill
+    `lease_cap` tokens, so that `per_second × V` ≤ `lease_cap` (what a late use may add to a window)."""
+    if lease_cap(limit) <= 1:
+        return 0
+    return int(lease_cap(limit) * US / per_second(limit))
+
+
+def available(state: RateState, limit: RateLimit, now_us: int) -> int:
+    """Request tokens the bucket holds at `now_us`: how many requests it would admit at once."""
+    req_t = US / per_second(limit)
+    if req_t == 0:
+        return limit.burst
+    return max(0, math.floor((limit.burst * req_t - max(state.requests_us - now_us, 0)) / req_t))
+
+
+def lease_size(state: RateState, limit: RateLimit, now_us: int, wanted: int) -> int:
+    """How many request tokens to take in one decision: 1 unless the limit allows leases, `wanted` > 1
+    and at least half the burst is available (then at most `lease_cap`), so a contended or near-limit
+    account is decided one request at a time, exactly."""
+    cap = lease_cap(limit)
+    if cap <= 1 or wanted <= 1 or 2 * available(state, limit, now_us) < limit.burst:
+        return 1
+    return min(wanted, cap)
+
+
+class Lease(msgspec.Struct, kw_only=True):
+    """Request tokens one replica debited at `taken_us` for an account under `limit`, `left` of them
+    still usable until `until_us` (`taken_us` + `lease_validity_us`)."""
+
+    limit: RateLimit
+    size: int
+    left: int
+    taken_us: int
+    until_us: int
+
+    @classmethod
+    def taken(cls, limit: RateLimit, size: int, now_us: int) -> Lease:
+        """The lease of `size` tokens debited at `now_us`, the first of them used by the request that took it."""
+        return cls(limit=limit, size=size, left=size - 1, taken_us=now_us,
+                   until_us=now_us + lease_validity_us(limit))
+
+    def use(self, limit: RateLimit, now_us: int) -> bool:
+        """Spend one leased token at `now_us`; False (nothing spent) when none is left, the lease has
+        expired, or the account's limit is no longer the one it was taken under."""
+        if self.left <= 0 or now_us > self.until_us or self.limit != limit:
+            return False
+        self.left -= 1
+        return True
+
+    def wanted_next(self, limit: RateLimit, now_us: int) -> int:
+        """The size to ask for when this lease no longer serves: twice its size when all of it was used
+        within its validity, else what it used scaled to one validity (the account's recent rate on
+        this replica), at least 1. A new limit starts again from 1."""
+        if self.limit != limit:
+            return 1
+        if now_us <= self.until_us:
+            return 2 * self.size
+        used = self.size - self.left
+        validity = self.until_us - self.taken_us
+        return max(1, used * validity // max(1, now_us - self.taken_us))
+
+
+def decide_leasing(
+    state: RateState, limit: RateLimit, now_us: int, last: Lease | None, *, tokens: int = 0
+) -> tuple[Decision, int]:
+    """`decide` (no wait) for a replica that may lease, with `last` its previous lease of the account:
+    the decision and how many tokens it took (`lease_size` of what `Lease.wanted_next` asks for; one
+    when a lease would not fit, so that a lease never refuses what one token would admit)."""
+    wanted = last.wanted_next(limit, now_us) if last is not None else 1
+    take = lease_size(state, limit, now_us, wanted)
+    decision = decide(state, limit, now_us, tokens=tokens, take=take)
+    if not decision.admitted and take > 1:
+        return decide(state, limit, now_us, tokens=tokens), 1
+    return decision, take
 
 
 def _conforms_at(tat: int, now: int, cost: int, interval: float, burst: int) -> int:

@@ -272,3 +272,77 @@ async def test_ten_thousand_accounts_at_once_stay_exact_and_leave_nothing_behind
     finally:
         for c in conns:
             await c.close()
+
+
+async def _replicas(nats_url: str, n: int) -> tuple[list[NATS], list[RateLimiter]]:
+    import nats
+
+    conns = [await nats.connect(nats_url) for _ in range(n)]
+    return conns, [await RateLimiter.open(c.jetstream()) for c in conns]
+
+
+async def _kv_writes(nc: NATS) -> int:
+    return int((await nc.jetstream().stream_info("KV_llm_rates")).state.last_seq)
+
+
+async def test_a_steady_account_under_its_limit_is_mostly_admitted_from_leases(nats_url: str) -> None:
+    conns, replicas = await _replicas(nats_url, 3)
+    try:
+        limit = RateLimit(per_second=100, burst=100)  # leases of up to 25 tokens, valid 250 ms
+        # A clock of our own, ahead of the real one, so the schedule (60 requests/s round-robin over the three
+        # replicas, 20/s each), not the machine's speed, decides the leases.
+        start = now_us() + 60 * 1_000_000
+        before = await _kv_writes(conns[0])
+        decisions = [await replicas[i % 3].decide("steady", limit, start + i * 1_000_000 // 60) for i in range(300)]
+        writes = await _kv_writes(conns[0]) - before
+        assert all(d.admitted for d in decisions)
+        local = sum(r.local for r in replicas)
+        assert writes == 300 - local  # each decision not made from a lease wrote the state once
+        assert writes <= 300 // 3, writes  # most decisions made no round trip
+        assert all(r.local > 0 and r.leased > 0 for r in replicas)
+        # Queued requests (queue_ms) and an account under tokens_per_minute never lease: one write each.
+        before = await _kv_writes(conns[0])
+        for i in range(10):
+            assert (await replicas[0].decide("queued", limit, start + i, lease=False)).admitted
+        tpm = RateLimit(per_second=100, burst=100, tokens_per_minute=10**6)
+        for i in range(10):
+            assert (await replicas[0].decide("tpm", tpm, start + i, tokens=10)).admitted
+        assert await _kv_writes(conns[0]) - before == 20
+    finally:
+        for c in conns:
+            await c.close()
+
+
+async def test_three_replicas_leasing_stay_within_the_stated_bound(nats_url: str) -> None:
+    import random
+
+    from router.ratelimit import lease_cap
+
+    from .test_ratelimit import late_use_arrivals, random_arrivals, simulate, worst_excess
+
+    conns, replicas = await _replicas(nats_url, 3)
+    try:
+        limit = RateLimit(per_second=10, burst=40)
+        start = now_us() + 600 * 1_000_000  # our own clock, ahead of the real one (see above)
+        schedules = [late_use_arrivals(limit, start), random_arrivals(random.Random(5), start + 60_000_000, 300)]
+        excesses = []
+        for n, arrivals in enumerate(schedules):
+            account = f"bound{n}"
+            admitted: list[tuple[int, int, int]] = []
+            for t, r in arrivals:
+                local = replicas[r].local
+                d = await replicas[r].decide(account, limit, t)
+                if d.admitted:
+                    assert d.at_us == t
+                    admitted.append((t, r, replicas[r].local - local))
+            # The replicas on the shared state admit exactly what router/ratelimit.py's arithmetic does ...
+            expected = simulate(limit, arrivals)
+            assert [(t, r, k == 0) for t, r, k in expected] == [(t, r, bool(k)) for t, r, k in admitted]
+            # ... which stays within burst + rate x W + lease_cap in any window of W.
+            excesses.append(worst_excess(limit, [t for t, _, _ in admitted]))
+            assert excesses[-1] <= lease_cap(limit)
+        assert excesses[0] == lease_cap(limit) - 1  # the worst case does reach past the exact limiter's bound
+        assert all(r.local > 0 for r in replicas)
+    finally:
+        for c in conns:
+            await c.close()

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import random
+
 from router import config as config_mod
 from router.config import LimitsConfig, RateLimit
-from router.ratelimit import DEFAULT_ANSWER_TOKENS, RateState, decide, estimated_tokens, limits_for
+from router.ratelimit import (
+    DEFAULT_ANSWER_TOKENS,
+    Lease,
+    RateState,
+    available,
+    decide,
+    decide_leasing,
+    estimated_tokens,
+    lease_cap,
+    lease_size,
+    lease_validity_us,
+    limits_for,
+)
 from schemas import Message, Request
 
 S = 1_000_000
@@ -123,3 +137,146 @@ def test_estimated_tokens_are_the_prompt_plus_the_answer() -> None:
     assert estimated_tokens(req) == 100 + DEFAULT_ANSWER_TOKENS
     req.max_tokens = 50
     assert estimated_tokens(req) == 150
+
+
+# Leases: one decision takes k request tokens; the replica admits k - 1 more locally until they expire.
+
+
+def simulate(limit: RateLimit, arrivals: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """Replicas sharing one account's state as workers/ratelimits.py does (one shared state, a lease per
+    replica), on a fake clock: (time, replica, tokens its decision took; 0 for a local admission) for
+    each admitted arrival (time, replica), in order."""
+    state = RateState()
+    leases: dict[int, Lease] = {}
+    out = []
+    for t, replica in arrivals:
+        last = leases.get(replica)
+        if last is not None and last.use(limit, t):
+            out.append((t, replica, 0))
+            continue
+        d, take = decide_leasing(state, limit, t, last)
+        if d.admitted:
+            state = d.state
+            leases[replica] = Lease.taken(limit, take, t)
+            out.append((t, replica, take))
+    return out
+
+
+def worst_excess(limit: RateLimit, times_us: list[int]) -> float:
+    """The most admissions in any window [t, t + W] beyond the exact limiter's burst + per_second x W."""
+    times = sorted(times_us)
+    worst = float("-inf")
+    for i, t in enumerate(times):
+        for j in range(i, len(times)):
+            worst = max(worst, (j - i + 1) - (limit.burst + float(limit.per_second) * (times[j] - t) / S))
+    return worst
+
+
+def test_a_lease_takes_k_tokens_in_one_decision() -> None:
+    limit = RateLimit(per_second=10, burst=40)
+    d = decide(RateState(), limit, T0, take=10)
+    assert d.admitted and d.state.requests_us == T0 + 10 * S // 10  # TAT moved by 10 emission intervals
+    assert available(d.state, limit, T0) == 30
+    assert not decide(d.state, limit, T0, take=31).admitted and decide(d.state, limit, T0, take=30).admitted
+
+
+def test_no_lease_below_half_the_burst_and_never_more_than_a_quarter() -> None:
+    limit = RateLimit(per_second=10, burst=40)
+    assert lease_cap(limit) == 10 and lease_validity_us(limit) == S  # 10 tokens refill in 1 s
+    assert lease_size(RateState(), limit, T0, wanted=1000) == 10
+    assert lease_size(RateState(), limit, T0, wanted=3) == 3
+    assert lease_size(RateState(), limit, T0, wanted=1) == 1
+    half = decide(RateState(), limit, T0, take=20).state
+    assert lease_size(half, limit, T0, wanted=8) == 8  # 20 of 40 left: still half the burst
+    under = decide(half, limit, T0).state
+    assert lease_size(under, limit, T0, wanted=8) == 1  # 19 left: decided one at a time, exactly
+    assert lease_size(under, limit, T0 + S // 10, wanted=8) == 8  # a token later, half the burst again
+
+
+def test_no_lease_with_tokens_per_minute_a_small_burst_or_no_request_rate() -> None:
+    assert lease_cap(RateLimit(per_second=10, burst=40, tokens_per_minute=10_000)) == 1
+    assert lease_cap(RateLimit(per_second=1, burst=7)) == 1
+    assert lease_cap(RateLimit(per_second="unlimited", tokens_per_minute=10)) == 1
+    assert lease_validity_us(RateLimit(per_second=1, burst=2)) == 0
+    limit = RateLimit(per_second=1, burst=2)
+    assert decide_leasing(RateState(), limit, T0, Lease.taken(limit, 1, T0))[1] == 1
+
+
+def test_leased_tokens_expire_and_belong_to_their_limit() -> None:
+    limit = RateLimit(per_second=10, burst=40)
+    lease = Lease.taken(limit, 3, T0)
+    assert lease.left == 2 and lease.until_us == T0 + S
+    assert not lease.use(RateLimit(per_second=5, burst=40), T0)  # the account's limit changed
+    assert lease.use(limit, T0 + S)  # the last moment it is valid
+    assert not lease.use(limit, T0 + S + 1) and lease.left == 1  # expired: the unused token is lost
+    assert lease.use(limit, T0 + 1) and lease.left == 0
+    assert not lease.use(limit, T0 + 2)
+
+
+def test_the_next_lease_follows_the_accounts_recent_rate() -> None:
+    limit = RateLimit(per_second=10, burst=40)
+    used_up = Lease.taken(limit, 4, T0)
+    used_up.left = 0
+    assert used_up.wanted_next(limit, T0 + S // 2) == 8  # all used within its validity: twice as many
+    assert used_up.wanted_next(limit, T0 + 2 * S) == 2  # 4 used over 2 s: 2 per validity of 1 s
+    rare = Lease.taken(limit, 1, T0)
+    assert rare.wanted_next(limit, T0 + 5 * S) == 1  # an account rarer than once per validity: no lease
+    assert used_up.wanted_next(RateLimit(per_second=5, burst=40), T0) == 1
+
+
+def test_a_lease_that_does_not_fit_falls_back_to_one_token() -> None:
+    limit = RateLimit(per_second=10, burst=40)
+    greedy = Lease.taken(limit, 10, T0)
+    greedy.left = 0
+    state = decide(RateState(), limit, T0, take=20).state  # exactly half left: a lease of 10 would fit
+    d, take = decide_leasing(state, limit, T0, greedy)
+    assert d.admitted and take == 10
+    # Never refuses what one token admits: drain to 1 token, whatever the last lease asked.
+    state = decide(RateState(), limit, T0, take=39).state
+    d, take = decide_leasing(state, limit, T0, greedy)
+    assert d.admitted and take == 1
+    refused, take = decide_leasing(d.state, limit, T0, greedy)
+    assert not refused.admitted and refused.retry_after_ms == 100  # the hint is for one token
+
+
+def late_use_arrivals(limit: RateLimit, base_us: int) -> list[tuple[int, int]]:
+    """The worst case for leases: replica 0 at a steady 10/s grows its lease to the cap; that lease's
+    tokens are then used at its last valid moment, when replica 1 takes all the bucket has refilled."""
+    warm = [(base_us + i * 100_000, 0) for i in range(40)]
+    ta = next(t for t, _, k in simulate(limit, warm) if k == lease_cap(limit))
+    until = ta + lease_validity_us(limit)
+    return [a for a in warm if a[0] <= ta] + [(until, 0)] * 9 + [(until, 1)] * 50
+
+
+def random_arrivals(rng: random.Random, base_us: int, n: int) -> list[tuple[int, int]]:
+    """`n` arrivals over 3 replicas: bursts at one instant, steady runs, and pauses past a lease's validity."""
+    t, arrivals = base_us, []
+    for _ in range(n):
+        t += rng.choice([0, 0, 1_000, 20_000, 100_000, 300_000, 999_999, 1_000_000, 3_000_000])
+        arrivals.append((t, rng.randrange(3)))
+    return arrivals
+
+
+def test_a_late_leased_token_adds_at_most_a_quarter_burst_to_any_window() -> None:
+    # Over a window of W the exact limiter admits at most burst + rate x W; with leases up to lease_cap
+    # more. The worst case reaches cap - 1 (= 9 here) at one instant.
+    limit = RateLimit(per_second=10, burst=40)
+    arrivals = late_use_arrivals(limit, T0)
+    out = simulate(limit, arrivals)
+    until = arrivals[-1][0]
+    assert sum(1 for t, r, k in out if t == until and r == 0 and k == 0) == 9
+    assert worst_excess(limit, [t for t, _, _ in out]) == lease_cap(limit) - 1
+    # One microsecond later the lease has expired: replica 0's requests go to the shared state instead.
+    out = simulate(limit, [(t + 1, r) if t == until else (t, r) for t, r in arrivals])
+    assert worst_excess(limit, [t for t, _, _ in out]) <= 0
+
+
+def test_three_replicas_leasing_stay_within_the_stated_bound() -> None:
+    limit = RateLimit(per_second=10, burst=40)
+    rng = random.Random(9)
+    local = 0
+    for _ in range(40):
+        out = simulate(limit, random_arrivals(rng, T0, rng.randint(50, 250)))
+        assert worst_excess(limit, [t for t, _, _ in out]) <= lease_cap(limit)
+        local += sum(1 for _, _, k in out if k == 0)
+    assert local > 500  # the replicas did lease: the bound was checked on late uses, not exact decisions only

@@ -16,6 +16,15 @@ Each replica keeps the last state it saw of up to CACHE_SIZE accounts (least rec
 so an account it served a moment ago costs one compare-and-set, not a read and a write. A cached
 state can only be behind the server's (the TATs only grow), so a refusal it gives is right; it is
 re-read before the refusal goes out, so that the retry hint counts what the other replicas admitted.
+
+Leases (router/ratelimit.py): when an account's bucket has at least half its burst available and the
+account kept this replica busy, its compare-and-set takes up to burst / 4 tokens at once; the next
+requests of that account on this replica are admitted from them with no round trip until they run out
+or expire (`lease_validity_us`). The lease's size follows the account's recent rate on this replica
+(from 1, doubling while a lease is used up within its validity). Requests that may wait (`queue_ms`),
+pool limits and limits with `tokens_per_minute` are always decided one at a time on the shared state.
+A refusal is only ever given by the shared state, so its retry hint is as before. A replica that dies
+loses the unused tokens of its leases (erring on refusing).
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ from router import ratelimit
 from router.config import LimitsConfig, PoolConfig, RateLimit
 from router.errors import ErrorCode, SwitchyardError
 from router.limits import AccountLimits
-from router.ratelimit import RateState
+from router.ratelimit import Lease, RateState
 from schemas import Request
 
 log = structlog.get_logger("ratelimits")
@@ -163,6 +172,12 @@ class RateLimiter:
         """A heap of when each request this replica holds is due (µs): how many are held now."""
         self.conflicts = 0
         """Compare-and-sets lost to another replica's write (each one is re-read and tried again)."""
+        self._leases: collections.OrderedDict[str, Lease] = collections.OrderedDict()
+        """The last lease this replica took per account (up to CACHE_SIZE, least recently used first out)."""
+        self.local = 0
+        """Requests admitted from a lease, with no round trip."""
+        self.leased = 0
+        """Compare-and-sets that took more than one token."""
 
     @classmethod
     async def open(cls, js: JetStreamContext) -> RateLimiter:
@@ -204,7 +219,7 @@ class RateLimiter:
         if req.queue_ms and self._holding(now) < MAX_HOLDS:
             end_ms = published_ms + min(req.queue_ms, req.timeout_ms)
             wait_us = end_ms * 1000 - now
-        decision = await self.decide(req.account, limit, now, tokens=tokens, wait_us=wait_us)
+        decision = await self.decide(req.account, limit, now, tokens=tokens, wait_us=wait_us, lease=not req.queue_ms)
         if decision.admitted:
             now = now_us()  # the decision's own clock moved on when it had to re-read
             if decision.at_us - now <= EARLY_US:
@@ -227,11 +242,19 @@ class RateLimiter:
         return len(self._cache)
 
     async def decide(
-        self, account: str, limit: RateLimit, now: int, *, tokens: int = 0, wait_us: int = 0
+        self, account: str, limit: RateLimit, now: int, *, tokens: int = 0, wait_us: int = 0, lease: bool = True
     ) -> ratelimit.Decision:
-        """router/ratelimit.py's decision on the shared state of `account`, stored when it admits.
-        Raises RuntimeError when _CAS_TRIES compare-and-sets in a row lose to other replicas."""
-        return await self._in_turn(f"a.{account}", limit, now, tokens, wait_us)
+        """router/ratelimit.py's decision on the shared state of `account`, stored when it admits; with
+        `lease` (and no `wait_us`), from this replica's lease of the account's tokens when it has a valid
+        one, else taking a lease when the bucket has room (see the module doc). Raises RuntimeError when
+        _CAS_TRIES compare-and-sets in a row lose to other replicas."""
+        key = f"a.{account}"
+        if lease and wait_us <= 0 and ratelimit.lease_cap(limit) > 1:
+            local = self._from_lease(key, limit, now)
+            if local is not None:
+                return local
+            return await self._in_turn(key, limit, now, tokens, wait_us, True)
+        return await self._in_turn(key, limit, now, tokens, wait_us)
 
     async def decide_pool(
         self, pool: str, limit: RateLimit, *, tokens: int = 0, wait_us: int = 0
@@ -241,12 +264,29 @@ class RateLimiter:
         (the caller keeps it with `book_turn`). Raises as `decide` does."""
         return await self._in_turn(f"pool.{pool}", limit, now_us(), tokens, wait_us)
 
-    async def _in_turn(self, key: str, limit: RateLimit, now: int, tokens: int, wait_us: int) -> ratelimit.Decision:
+    def _from_lease(self, key: str, limit: RateLimit, now: int) -> ratelimit.Decision | None:
+        """An admission from this replica's lease of `key`'s tokens, None when it has no usable token."""
+        held = self._leases.get(key)
+        now = max(now, now_us())
+        if held is None or not held.use(limit, now):
+            return None
+        self.local += 1
+        cached = self._cache.get(key)
+        return ratelimit.Decision(True, now, cached[0] if cached is not None else RateState())
+
+    async def _in_turn(
+        self, key: str, limit: RateLimit, now: int, tokens: int, wait_us: int, lease: bool = False
+    ) -> ratelimit.Decision:
         lock, waiting = self._turns.get(key) or (asyncio.Lock(), 0)
         self._turns[key] = (lock, waiting + 1)
         try:
             async with lock:
-                return await self._decide(key, limit, max(now, now_us()), tokens, wait_us)
+                if lease:
+                    # Another request of this replica may have taken a lease while this one waited its turn.
+                    local = self._from_lease(key, limit, now)
+                    if local is not None:
+                        return local
+                return await self._decide(key, limit, max(now, now_us()), tokens, wait_us, lease)
         finally:
             lock, waiting = self._turns[key]
             if waiting > 1:
@@ -255,7 +295,7 @@ class RateLimiter:
                 del self._turns[key]
 
     async def _decide(
-        self, key: str, limit: RateLimit, now: int, tokens: int, wait_us: int
+        self, key: str, limit: RateLimit, now: int, tokens: int, wait_us: int, lease: bool = False
     ) -> ratelimit.Decision:
         cached = self._cache.get(key)
         fresh = cached is None
@@ -264,7 +304,11 @@ class RateLimiter:
         # read must not look like it is from the future (that would refuse what it should admit).
         now = max(now, now_us())
         for _ in range(_CAS_TRIES):
-            decision = ratelimit.decide(state, limit, now, tokens=tokens, wait_us=wait_us)
+            take = 1
+            if lease:
+                decision, take = ratelimit.decide_leasing(state, limit, now, self._leases.get(key), tokens=tokens)
+            else:
+                decision = ratelimit.decide(state, limit, now, tokens=tokens, wait_us=wait_us)
             if not decision.admitted:
                 if fresh:
                     self._remember(key, state, rev)
@@ -281,10 +325,12 @@ class RateLimiter:
                     self.conflicts += 1
                 else:
                     self._remember(key, decision.state, ack.seq)
+                    if lease:
+                        self._lease(key, Lease.taken(limit, take, decision.at_us))
                     return decision
             state, rev = await self._read(key)
             fresh = True
-            now = now_us()
+            now = max(now, now_us())  # never back: a caller may decide on a clock ahead of this one
         raise RuntimeError(f"the rate state {key!r} kept changing under {_CAS_TRIES} tries")
 
     async def _read(self, key: str) -> tuple[RateState, int]:
@@ -303,6 +349,14 @@ class RateLimiter:
         self._cache.move_to_end(key)
         if len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
+
+    def _lease(self, key: str, held: Lease) -> None:
+        if held.size > 1:
+            self.leased += 1
+        self._leases[key] = held
+        self._leases.move_to_end(key)
+        if len(self._leases) > CACHE_SIZE:
+            self._leases.popitem(last=False)
 
     async def _read_hold(self, seq: int) -> Hold | None:
         try:
