@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import shutil
 import signal
 import stat
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -47,6 +45,7 @@ from workers.runtime import ensure_topology
 
 from .conftest import fleet_config, free_port, nats_server_binary, wait_port
 from .helpers import request, switchyard
+from .test_up import _clean_env, _wait_for
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
@@ -460,37 +459,20 @@ class Up(NamedTuple):
     env: dict[str, str]
 
 
-def _read_until(proc: subprocess.Popen[str], pattern: str, lines: list[str], timeout: float = 90) -> re.Match[str]:
-    assert proc.stdout is not None
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        line = proc.stdout.readline()
-        if not line:
-            if proc.poll() is not None:
-                raise AssertionError("exited early:\n" + "".join(lines))
-            continue
-        lines.append(line)
-        m = re.search(pattern, line)
-        if m:
-            return m
-    raise AssertionError(f"no line matching {pattern!r}:\n" + "".join(lines))
-
-
 @pytest.fixture(scope="module")
 def secure_up() -> Iterator[Up]:
     # Not under pytest's own temporary root: the embedded PostgreSQL runs as another user, which must be
     # able to traverse every parent, and pytest makes that root private again whenever a run starts.
     base = Path(tempfile.mkdtemp(prefix="sy-secure-"))
     data_dir = base / "data"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NATS_URL", "DATABASE_URL", "NATS_NKEY_SEED_FILE") and not k.endswith("_API_KEY")}
-    env |= {"SWITCHYARD_DATA_DIR": str(data_dir), "PATH": f"{BIN}:{env.get('PATH', '')}"}
+    env = _clean_env(data_dir)
+    env.pop("NATS_NKEY_SEED_FILE", None)
     proc = subprocess.Popen([str(BIN / "switchyard"), "up", "--secure"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []
     try:
-        url = _read_until(proc, r"NATS:\s+(nats://\S+)", lines).group(1)
-        _read_until(proc, r"ready\.", lines)
+        url = _wait_for(proc, r"NATS:\s+(nats://\S+)", lines, timeout=90).group(1)
+        _wait_for(proc, r"ready\.", lines, timeout=90)
         yield Up(proc, data_dir, url, lines, env)
     finally:
         if proc.poll() is None:
