@@ -24,7 +24,6 @@ import asyncpg
 import nats
 import pytest
 from nats.aio.client import Client as NATS
-from nats.js import JetStreamContext
 
 from router import config as config_mod
 from router.providers.fakes import FakeOpenAI
@@ -35,7 +34,8 @@ from workers.runtime import audit_consumer, ensure_topology
 
 from .conftest import fleet_config, running_fleet
 from .helpers import ask_raw, audit_row, request
-from .test_auditor import event, settled
+from .test_auditor import auditor as replica
+from .test_auditor import dlq_size, event, settled
 
 _WRITES = """
 CREATE TABLE test_audit_writes (account text, request_id text, op text, app text);
@@ -87,10 +87,6 @@ async def wait_rows(db: asyncpg.Pool, n: int, timeout: float = 40.0) -> None:
         while await rows(db) < n:
             await asyncio.sleep(0.1)
     assert await rows(db) == n
-
-
-async def dlq_size(js: JetStreamContext) -> int:
-    return int((await js.stream_info("LLM_DLQ")).state.messages)
 
 
 def with_app(url: str, app: str) -> str:
@@ -249,21 +245,6 @@ async def backend(db: asyncpg.Pool, app: str) -> asyncpg.Record | None:
         "SELECT pid, wait_event_type, state, query FROM pg_stat_activity"
         " WHERE application_name = $1 AND query LIKE '%INSERT INTO llm_audit%' AND state <> 'idle'", app)
     return row
-
-
-@contextlib.asynccontextmanager
-async def replica(nats_url: str, pool: asyncpg.Pool, batch: int = 500) -> AsyncIterator[None]:
-    """An auditor replica in this process, on its own NATS connection."""
-    conn = await nats.connect(nats_url)
-    js = conn.jetstream()
-    stop = asyncio.Event()
-    task = asyncio.create_task(Auditor(js, Publisher(conn, js, "llm"), pool, batch=batch).serve(stop))
-    try:
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
-        await conn.close()
 
 
 async def test_an_auditor_killed_mid_batch_loses_nothing_and_writes_nothing_twice(

@@ -60,17 +60,18 @@ async def dlq_size(js: JetStreamContext) -> int:
 
 
 @contextlib.asynccontextmanager
-async def auditor(nats_url: str, pool: asyncpg.Pool) -> AsyncIterator[None]:
-    """An auditor of our own, started when the test chooses (the `fleet` one starts at once)."""
+async def auditor(nats_url: str, pool: asyncpg.Pool, batch: int = 500) -> AsyncIterator[None]:
+    """An auditor of our own in this process, on its own NATS connection, started when the test chooses (the
+    `fleet` one starts at once)."""
     conn = await nats.connect(nats_url)
     js = conn.jetstream()
     stop = asyncio.Event()
-    task = asyncio.create_task(Auditor(js, Publisher(conn, js, "llm"), pool).serve(stop))
+    task = asyncio.create_task(Auditor(js, Publisher(conn, js, "llm"), pool, batch=batch).serve(stop))
     try:
         yield
     finally:
         stop.set()
-        await asyncio.wait_for(task, 10)
+        await asyncio.wait_for(task, 15)
         await conn.close()
 
 
