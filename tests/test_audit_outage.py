@@ -247,6 +247,13 @@ async def backend(db: asyncpg.Pool, app: str) -> asyncpg.Record | None:
     return row
 
 
+async def wait_in_insert(db: asyncpg.Pool, app: str) -> None:
+    """Until the auditor connected as `app` is inside its insert, waiting for the lock on `llm_audit`."""
+    async with asyncio.timeout(20):
+        while (b := await backend(db, app)) is None or b["wait_event_type"] != "Lock":
+            await asyncio.sleep(0.05)
+
+
 async def test_an_auditor_killed_mid_batch_loses_nothing_and_writes_nothing_twice(
     nats_url: str, nc: NATS, writes: asyncpg.Pool, pg_url: str, tmp_path: Path
 ) -> None:
@@ -269,9 +276,7 @@ async def test_an_auditor_killed_mid_batch_loses_nothing_and_writes_nothing_twic
             await locker.execute("LOCK TABLE llm_audit IN SHARE MODE")  # inserts now wait for this lock
             for rid in batch:
                 await js.publish("llm.events.completed", encode(event(rid)))
-            async with asyncio.timeout(20):  # the auditor has taken the events and is inside its insert
-                while (b := await backend(db, app)) is None or b["wait_event_type"] != "Lock":
-                    await asyncio.sleep(0.05)
+            await wait_in_insert(db, app)  # the auditor has taken the events and is inside its insert
             info = await js.consumer_info("LLM_EVENTS", "audit")
             assert info.num_ack_pending > 0 and info.num_ack_pending + info.num_pending == 300
             # Its events come back to the next auditor after ack_wait: shortened, so the test need not wait 60 s.
@@ -320,9 +325,7 @@ async def test_an_auditor_lost_between_its_commit_and_its_acks_writes_nothing_tw
             for rid in sorted(first):  # all in the stream before its first fetch: one batch
                 await js.publish("llm.events.completed", encode(event(rid)))
             lost = asyncio.create_task(Auditor(ljs, Publisher(conn, ljs, "llm"), pool).serve(asyncio.Event()))
-            async with asyncio.timeout(20):  # it holds the batch, inside its insert
-                while (b := await backend(db, app)) is None or b["wait_event_type"] != "Lock":
-                    await asyncio.sleep(0.05)
+            await wait_in_insert(db, app)  # it holds the batch, inside its insert
             proxy.hold()  # its acks will go nowhere
         await wait_rows(db, 50)  # the lock is gone: it commits...
     finally:
