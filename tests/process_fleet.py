@@ -127,6 +127,22 @@ class ProcessFleet:
                 raise AssertionError(f"{proc.name} ended without being stopped")
 
 
+@contextlib.asynccontextmanager
+async def whole_fleet(nats_url: str, pg_url: str, cfg: Config, pools: list[str]) -> AsyncIterator[ProcessFleet]:
+    """Prepared, then a dispatcher, a worker per entry of `pools` (a pool named twice: two replicas) and an
+    auditor; whatever still runs is stopped on leaving."""
+    fleet = ProcessFleet(nats_url, pg_url, cfg)
+    await fleet.prepare()
+    fleet.dispatcher()
+    for pool in pools:
+        fleet.worker(pool)
+    fleet.auditor()
+    try:
+        yield fleet
+    finally:
+        await fleet.close()
+
+
 async def live(
     nc: NATS, role: Role, count: int, *, pool: str | None = None, fleet: ProcessFleet | None = None,
     timeout: float = 60.0, checked: bool = False,

@@ -34,7 +34,9 @@ from workers.publish import Publisher
 
 from .conftest import fleet_config
 from .helpers import ask_raw, request, switchyard
-from .process_fleet import ProcessFleet, fleet_env, live, module_conn, module_server  # noqa: F401  (fixtures server, conn)
+
+# module_conn, module_server: the fixtures `conn` and `server`
+from .process_fleet import ProcessFleet, fleet_env, live, module_conn, module_server, whole_fleet  # noqa: F401
 
 SWITCHYARD = str(Path(sys.executable).parent / "switchyard")
 BROKEN_KEY = "zz-broken-Rt5Yw8NcL2vQpM"
@@ -69,20 +71,12 @@ async def cfg(fakes: tuple[FakeOpenAI, FakeOpenAI]) -> Config:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def fleet(server: str, pg_url: str, cfg: Config, env: None, conn: NATS) -> AsyncIterator[ProcessFleet]:
-    f = ProcessFleet(server, pg_url, cfg)
-    await f.prepare()
-    f.dispatcher()
-    f.worker("openai")
-    f.worker("broken")
-    f.auditor()
-    try:
+    async with whole_fleet(server, pg_url, cfg, ["openai", "broken"]) as f:
         await live(conn, "dispatcher", 1, fleet=f)
         await live(conn, "auditor", 1, fleet=f)
         await live(conn, "worker", 1, pool="openai", fleet=f, checked=True)
         await live(conn, "worker", 1, pool="broken", fleet=f, checked=True)
         yield f
-    finally:
-        await f.close()
 
 
 @pytest.fixture

@@ -31,7 +31,9 @@ from workers.runtime import ensure_topology
 
 from .conftest import fleet_config
 from .helpers import ask_raw, request, switchyard
-from .process_fleet import ProcessFleet, fleet_env, live, module_conn, module_server  # noqa: F401  (fixtures server, conn)
+
+# module_conn, module_server: the fixtures `conn` and `server`
+from .process_fleet import ProcessFleet, fleet_env, live, module_conn, module_server, whole_fleet  # noqa: F401
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -62,16 +64,8 @@ async def cfg(provider: FakeOpenAI) -> Config:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def fleet(server: str, pg_url: str, cfg: Config, env: None) -> AsyncIterator[ProcessFleet]:
-    f = ProcessFleet(server, pg_url, cfg)
-    await f.prepare()
-    f.dispatcher()
-    f.worker("openai")
-    f.worker("openai")
-    f.auditor()
-    try:
+    async with whole_fleet(server, pg_url, cfg, ["openai", "openai"]) as f:
         yield f
-    finally:
-        await f.close()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
