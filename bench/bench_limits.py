@@ -268,6 +268,8 @@ async def _dispatcher(url: str, mode: str, seconds: float) -> tuple[str, str]:
     finally:
         stop.set()
         await task
+        if budgets is not None:
+            await budgets.stop()  # the slices it leased go back, as a dispatcher's do when it stops
         limits.admit = shipped
         await dnc.close()
         await nc.close()

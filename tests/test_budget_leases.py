@@ -16,6 +16,7 @@ from router.providers.fakes import FakeOpenAI
 from router.routing import Selection, Source
 from schemas import Request, Target
 from workers import budget as budget_mod
+from workers import limits
 from workers.budget import BudgetRefused, Budgets, counter, subject
 from workers.publish import now_ms
 from workers.runtime import ensure_topology
@@ -109,3 +110,52 @@ async def test_dispatchers_leasing_together_near_the_limit_never_keep_more_than_
     for b in dispatchers:
         await b.stop()
     assert await _used(nc, cfg, "lease-b") == len(reserved) * 20_000
+
+
+async def test_a_request_handed_over_already_keeps_one_reservation(nc: NATS, dispatchers: list[Budgets]) -> None:
+    cfg = _config(FakeOpenAI(), daily_usd=100.0)
+    a, b = dispatchers[0], dispatchers[1]
+    published = now_ms()
+    req = _req("twice", "lease-c", 100)
+    # A reserved and handed the request over, then died or could not ack it; B gets it again, reserves afresh,
+    # and finds its hand-over a duplicate: B's reservation goes back, A's is the one the worker settles.
+    assert await a.reserve(cfg, req, SELECTION, published) == pytest.approx(0.11)
+    assert await b.reserve(cfg, req, SELECTION, published) == pytest.approx(0.11)
+    b.handed_over_already(cfg, req, published)
+    # A itself gets it again (its ack was lost): the reservation it finds is that hand-over's own, and stays.
+    assert await a.reserve(cfg, req, SELECTION, published) == pytest.approx(0.11)
+    a.handed_over_already(cfg, req, published)
+    await a.stop()
+    await b.stop()
+    assert await _used(nc, cfg, "lease-c") == 110_000
+
+
+class _Delivery:
+    """What workers/limits.py reads of a request's message: how often it was delivered."""
+
+    def __init__(self, num_delivered: int) -> None:
+        self.metadata = type("Metadata", (), {"num_delivered": num_delivered})()
+
+
+async def test_a_redelivery_the_budget_refuses_is_not_refused_when_it_was_handed_over_already(
+    nc: NATS, dispatchers: list[Budgets]
+) -> None:
+    cfg = _config(FakeOpenAI(), daily_usd=0.05)  # less than one reservation
+    budgets = dispatchers[0]
+    published = now_ms()
+    handed, never = _req("handed", "lease-d", 100), _req("never", "lease-d", 100)
+    # An earlier delivery handed `handed` over (its dispatcher then died before acking): the work item's id is taken.
+    await nc.jetstream().publish("llm.work.nopool", b"{}", headers={"Nats-Msg-Id": "lease-d:handed"})
+
+    async def admit(req: Request, delivered: int) -> limits.Held | limits.Admitted:
+        return await limits.admit(None, budgets, cfg, req, _Delivery(delivered), published,  # type: ignore[arg-type]
+                                  SELECTION, None)
+
+    with pytest.raises(BudgetRefused):  # a first delivery is refused as always
+        await admit(handed, 1)
+    assert await admit(handed, 2) == limits.Admitted(0.0, policy.limits_for(cfg, "lease-d", "default"))
+    with pytest.raises(BudgetRefused):  # never handed over: refused, and its probe was removed again
+        await admit(never, 2)
+    info = await nc.jetstream().stream_info("LLM_WORK", subjects_filter="llm.work.$handed")
+    assert not info.state.subjects
+    assert await _used(nc, cfg, "lease-d") == 0

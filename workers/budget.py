@@ -145,8 +145,9 @@ class Budgets:
         self.slices = policy.Slices()
         """What this process holds of the accounts' counters (a dispatcher's; a worker holds none)."""
         self._locks: dict[str, asyncio.Lock] = {}
-        self._held: OrderedDict[str, int] = OrderedDict()
-        """Reservations made here, by `<account> <request id>`, so that a redelivery to this process finds its own."""
+        self._held: OrderedDict[str, tuple[int, bool]] = OrderedDict()
+        """Reservations made here, by `<account> <request id>`, so that a redelivery to this process finds its own:
+        the amount, and whether a later delivery found it."""
         self._back: list[tuple[str, int, str]] = []
         """Give-backs (subject, amount, message id) that did not go out yet: tried again, idempotently."""
         self._sweeper: asyncio.Task[None] | None = None
@@ -210,8 +211,9 @@ class Budgets:
             return 0.0
         mine = f"{req.account} {req.id}"
         if (earlier := self._held.get(mine)) is not None:  # delivered here again: what it reserved then
+            self._held[mine] = (earlier[0], True)
             self._held.move_to_end(mine)
-            return policy.usd(earlier)
+            return policy.usd(earlier[0])
         self._timezone = cfg.limits.timezone
         per = policy.periods(published_ms, cfg.limits.timezone)
         used = {k: subject(self.prefix, req.account, per.of(k), "used") for k in _KINDS}
@@ -232,7 +234,7 @@ class Budgets:
                 cap = policy.cap(limits, k)
                 assert cap is not None and isinstance(why, int)
                 raise BudgetRefused(policy.over_limit_message(req.account, k, cap, why, amount))
-        self._held[mine] = amount
+        self._held[mine] = (amount, False)
         if len(self._held) > HELD_MAX:
             self._held.popitem(last=False)
         self._ensure_sweeper()
@@ -311,9 +313,39 @@ class Budgets:
     async def release(self, cfg: Config, req: Request, published_ms: int, reserved_usd: float) -> None:
         """Give back a reservation this dispatcher made and will not forward: to its slices, no round trip
         (they are given back to the counters when idle). Once only: a second release finds nothing."""
-        amount = self._held.pop(f"{req.account} {req.id}", None)
-        if not amount:
+        held = self._held.pop(f"{req.account} {req.id}", None)
+        if held is None:
             return
+        self._put_back(cfg, req, published_ms, held[0])
+
+    async def handed_over(self, req: Request) -> bool:
+        """Whether an earlier delivery of `req` handed it over to a pool (asked only of a redelivery its budget
+        would refuse: that delivery's reservation stands, and refusing now would follow the request's answer
+        with a second one). A probe with the hand-over's message id on `<prefix>.work.$handed` (a subject no
+        pool reads) is a duplicate exactly when the work item was published; a probe that is not one is
+        deleted again (it keeps the id, which is what the refusal that follows wants). Raises what NATS raises."""
+        probe = {"Nats-Msg-Id": f"{req.account}:{req.id}"}
+        ack = await self.js.publish(f"{self.prefix}.work.$handed", b"", headers=probe)
+        if ack.duplicate:
+            return True
+        with contextlib.suppress(Exception):  # (a secure fleet's dispatcher may not delete: the probe stays)
+            async with asyncio.timeout(2):
+                await self.js.delete_msg(ack.stream, ack.seq)
+        return False
+
+    def handed_over_already(self, cfg: Config, req: Request, published_ms: int) -> None:
+        """The work item's hand-over was a duplicate: an earlier delivery handed the request over (the dispatcher
+        that did so died or could not ack), and that hand-over's reservation is the one its worker settles. A
+        reservation this delivery made afresh goes back to the slice; one it found from an earlier delivery
+        here is that hand-over's own and stays."""
+        mine = f"{req.account} {req.id}"
+        held = self._held.get(mine)
+        if held is None or held[1]:
+            return
+        del self._held[mine]
+        self._put_back(cfg, req, published_ms, held[0])
+
+    def _put_back(self, cfg: Config, req: Request, published_ms: int, amount: int) -> None:
         per = policy.periods(published_ms, cfg.limits.timezone)
         at = now_ms()
         for k in _KINDS:

@@ -190,6 +190,8 @@ class Dispatcher:
                     await self.budgets.release(self.cfg, req, published_ms, reserved)
                 raise InvalidMessage(f"invalid request: too large to hand to a pool: {exc}", field="$") from None
             ack = await self.pub.publish(f"{self.prefix}.work.{route[0].pool}", work, headers)
+            if ack.duplicate and self.budgets is not None:  # its worker settles the first hand-over's reservation
+                self.budgets.handed_over_already(self.cfg, req, published_ms)
             if ack.duplicate and msg.metadata.num_delivered == 1:
                 # Not this message's own earlier hand-over (that would be a redelivery): another request
                 # reused the id. Forwarding nothing and acking would drop this one without a word.

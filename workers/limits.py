@@ -28,7 +28,7 @@ from router.limits import AccountLimits
 from router.routing import Selection
 from schemas import BudgetLimits, Request
 
-from .budget import Budgets
+from .budget import BudgetRefused, Budgets
 from .ratelimits import RateLimited, RateLimiter
 
 
@@ -62,15 +62,15 @@ async def admit(
         held = await rates.admit(req, msg, published_ms, cfg.limits, own) if rates is not None else None
         return Held(held) if held is not None else Admitted()
     if rates is None:
-        return Admitted(await budgets.reserve(cfg, req, selection, published_ms, own), budget)
+        return Admitted(await _reserve(budgets, cfg, req, msg, published_ms, selection, own), budget)
     if req.queue_ms:
         held = await rates.admit(req, msg, published_ms, cfg.limits, own)
         if held is not None:
             return Held(held)
-        return Admitted(await budgets.reserve(cfg, req, selection, published_ms, own), budget)
+        return Admitted(await _reserve(budgets, cfg, req, msg, published_ms, selection, own), budget)
     rate, reserved = await asyncio.gather(
         rates.admit(req, msg, published_ms, cfg.limits, own),
-        budgets.reserve(cfg, req, selection, published_ms, own),
+        _reserve(budgets, cfg, req, msg, published_ms, selection, own),
         return_exceptions=True,
     )
     if isinstance(rate, BaseException):
@@ -82,3 +82,19 @@ async def admit(
     if rate is not None:  # not asked to wait, but booked a moment ahead: kept, its redelivery finds it
         return Held(rate)
     return Admitted(reserved, budget)
+
+
+async def _reserve(
+    budgets: Budgets, cfg: Config, req: Request, msg: Msg, published_ms: int, selection: Selection,
+    own: AccountLimits | None,
+) -> float:
+    """The reservation (workers/budget.py). A redelivery its budget refuses may have been handed over by its
+    earlier delivery (whose dispatcher died, or could not ack): then that delivery's reservation stands and
+    this one reserves nothing (0), and its hand-over is found to be a duplicate, rather than the request's
+    answer being followed by a refusal."""
+    try:
+        return await budgets.reserve(cfg, req, selection, published_ms, own)
+    except BudgetRefused:
+        if msg.metadata.num_delivered > 1 and await budgets.handed_over(req):
+            return 0.0
+        raise
