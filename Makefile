@@ -36,6 +36,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/bench_select.py
 	$(BIN)/python bench/bench_health.py
 	$(BIN)/python bench/bench_limits.py
+	$(BIN)/python bench/bench_rate_leases.py
 	$(BIN)/python bench/bench_metrics.py
 	$(BIN)/python bench/bench_budget.py
 	$(BIN)/python bench/bench_tracing.py
