@@ -22,12 +22,14 @@ reaches `llm.work.<pool>` (100 accounts, limits that admit everything): closed l
 - `rate`: the rate's compare-and-set only; `budget`: the budget's reservation only;
 - `both`: both, in flight together (workers/limits.py, as shipped);
 - `both in turn`: both, the rate awaited before the reservation (as before the change),
-  for comparison.
+  for comparison;
+- `budget without leases`: the reservation with slices of exactly one reservation (router/budget.py's
+  `SLICE_SHARE` at 0 while it runs): both periods' counters incremented per request, as before leases.
 
 No worker runs, so reservations are never settled: the budget is large enough not to matter.
 
     .venv/bin/python bench/bench_limits.py [--n 2000] [--seconds 5] [--rounds 2] [--dispatcher-only]
-        [--modes off,unlimited,rate,budget,both,"both in turn"] [--probe]
+        [--modes off,unlimited,rate,budget,both,"both in turn","budget without leases"] [--probe]
 
 `--probe`: only round trips on one connection paced at 100/s (a compare-and-set, increments, a
 reservation, alone and two at once), to see which overlap.
@@ -53,6 +55,7 @@ from nats.aio.msg import Msg
 from nats.js import api as js_api
 from servers import start_nats  # bench/ is on sys.path when a bench runs
 
+from router import budget as budget_policy
 from router import config as config_mod
 from router.config import RateLimit
 from router.limits import AccountLimits
@@ -166,7 +169,7 @@ async def _mechanisms(url: str, n: int) -> list[str]:
     return rows
 
 
-MODES = ("off", "unlimited", "rate", "budget", "both", "both in turn")
+MODES = ("off", "unlimited", "rate", "budget", "both", "both in turn", "budget without leases")
 
 
 def _config(mode: str) -> config_mod.Config:
@@ -205,7 +208,11 @@ async def _dispatcher(url: str, mode: str, seconds: float) -> tuple[str, str]:
     dnc = await nats.connect(url)
     djs = dnc.jetstream()
     rates = await RateLimiter.open(djs) if mode in ("unlimited", "rate") or mode.startswith("both") else None
-    budgets = await Budgets.open(djs, "llm") if mode in ("unlimited", "budget") or mode.startswith("both") else None
+    with_budgets = mode == "unlimited" or mode.startswith(("both", "budget"))
+    budgets = await Budgets.open(djs, "llm") if with_budgets else None
+    share = budget_policy.SLICE_SHARE
+    if mode == "budget without leases":
+        budget_policy.SLICE_SHARE = 0.0
     shipped = limits.admit
     if mode == "both in turn":
         limits.admit = _one_after_the_other
@@ -270,6 +277,7 @@ async def _dispatcher(url: str, mode: str, seconds: float) -> tuple[str, str]:
         await task
         if budgets is not None:
             await budgets.stop()  # the slices it leased go back, as a dispatcher's do when it stops
+        budget_policy.SLICE_SHARE = share
         limits.admit = shipped
         await dnc.close()
         await nc.close()

@@ -1,5 +1,6 @@
 """The dispatcher's limit checks for one request: its account's rate (workers/ratelimits.py) and budget
-(workers/budget.py), in one round trip where the two may overlap.
+(workers/budget.py), in one round trip where the two may overlap. (The reservation usually makes none:
+it comes from the dispatcher's slice of the account's budget, and only taking a new slice is awaited.)
 
 - A request without `queue_ms` asks both at once: the rate's compare-and-set and the budget's
   reservation are in flight together, so the hop waits for the slower of the two, not their sum.
