@@ -64,7 +64,13 @@ def _zone(name: str) -> zoneinfo.ZoneInfo:
 
 def periods(at_ms: int, timezone: str) -> Periods:
     """The day and month `at_ms` falls in, in `timezone` (an IANA name the config validated)."""
-    local = dt.datetime.fromtimestamp(at_ms / 1000, tz=_zone(timezone))
+    return _periods_of_second(at_ms // 1000, timezone)
+
+
+@lru_cache(maxsize=64)
+def _periods_of_second(at_s: int, timezone: str) -> Periods:
+    """Per whole second (days and months begin on one), kept: requests of the same second share it."""
+    local = dt.datetime.fromtimestamp(at_s, tz=_zone(timezone))
     return Periods(day=f"d{local:%Y%m%d}", month=f"m{local:%Y%m}")
 
 
