@@ -307,6 +307,7 @@ async def test_each_fleet_role_does_its_own_work_on_the_shared_state_unrefused(s
     assert reserved > 0
     refused = msgspec.structs.replace(req, id=f"r{uuid.uuid4().hex}")
     await reserving.release(cfg, refused, published, await reserving.reserve(cfg, refused, selection, published))
+    await reserving.stop()  # gives back what its slices of the counters did not reserve
 
     # The worker of pool openai: its key report, its breaker opened by compare-and-set, its provider's
     # credit, its pool's rate state, a stream's progress and a held item, a settlement crossing 80 %.
