@@ -88,18 +88,20 @@ async def _totals(nc: NATS, cfg: Config, account: str = "acme") -> tuple[int, in
             await counter(js, subject("llm", account, day, "spent")))
 
 
-async def _wait_settled(nc: NATS, cfg: Config, timeout: float = 10.0, left: int = 0) -> tuple[int, int]:
+async def _wait_settled(
+    nc: NATS, cfg: Config, timeout: float = 10.0, left: int = 0, account: str = "acme"
+) -> tuple[int, int]:
     """(used, spent) once at most `left` is counted beyond what was spent."""
     async with asyncio.timeout(timeout):
         while True:
-            used, spent = await _totals(nc, cfg)
+            used, spent = await _totals(nc, cfg, account)
             if spent <= used <= spent + left:
                 return used, spent
             await asyncio.sleep(0.05)
 
 
-async def _burst(nc: NATS, n: int, on_published: Any = None) -> list[Reply]:
-    """`n` requests at once; every terminal reply (done or error), in arrival order."""
+async def _burst(nc: NATS, n: int, on_published: Any = None, account: str = "acme") -> list[Reply]:
+    """`n` requests of `account` at once; every terminal reply (done or error), in arrival order."""
     inbox = f"_INBOX.budget.{uuid.uuid4().hex}"
     ends: dict[str, Reply] = {}
     extra: list[Reply] = []
@@ -117,8 +119,8 @@ async def _burst(nc: NATS, n: int, on_published: Any = None) -> list[Reply]:
     sub = await nc.subscribe(f"{inbox}.*", cb=on_msg)
     js = nc.jetstream()
     for _ in range(n):
-        body = request(PROMPT, max_tokens=MAX_TOKENS)
-        await js.publish("llm.req.draft.acme", msgspec.json.encode({**body, "reply_to": f"{inbox}.{body['id']}"}),
+        body = request(PROMPT, max_tokens=MAX_TOKENS, account=account)
+        await js.publish(f"llm.req.draft.{account}", msgspec.json.encode({**body, "reply_to": f"{inbox}.{body['id']}"}),
                          headers={"Nats-Msg-Id": body["id"]})
     if on_published is not None:
         await on_published(ends)
@@ -162,7 +164,14 @@ async def _alerts_in_ledger(db: asyncpg.Pool, day: str, timeout: float = 10.0) -
 async def test_three_dispatchers_never_spend_past_a_budget_and_the_alert_fires_once(
     tmp_path: Path, nats_url: str, metered_fake: FakeOpenAI, nc: NATS, db: asyncpg.Pool
 ) -> None:
+    # Account `roomy` has $20 a day: each dispatcher leases slices of up to $0.40 (2 %) of it for $0.11
+    # reservations, shrinking to one reservation near the limit; its 500 requests would cost ~$35. (At $1, a
+    # reservation is more than 2 % of the limit: every slice is one reservation.)
+    roomy = {"rate": {"per_second": 100_000, "burst": 100_000},
+             "budget": {"daily_usd": 20.0, "monthly_usd": 1000.0, "alert_at": 0.8}}
     cfg = _config(metered_fake)
+    cfg = config_mod.from_mapping({**msgspec.to_builtins(cfg),
+                                   "limits": {**msgspec.to_builtins(cfg.limits), "accounts": {"roomy": roomy}}})
     async with running_fleet(nats_url, cfg, db, budgets=True):  # one dispatcher, the worker and the auditor here
         with dispatchers(cfg, tmp_path, nats_url, 2):
             await asyncio.sleep(2)  # the subprocesses connect
@@ -171,10 +180,24 @@ async def test_three_dispatchers_never_spend_past_a_budget_and_the_alert_fires_o
             _check_outcome(replies, used, spent)
             day = policy.periods(now_ms(), cfg.limits.timezone).day
             rows = await _alerts_in_ledger(db, day)
-    assert [(r["period"], r["threshold_pct"]) for r in rows] == [("day", 80)]
-    assert 0.8 <= float(rows[0]["spent_usd"]) <= 1.0 and float(rows[0]["limit_usd"]) == 1.0
-    info = await nc.jetstream().stream_info("LLM_EVENTS", subjects_filter="llm.alerts.budget")
-    assert info.state.subjects == {"llm.alerts.budget": 1}
+            assert [(r["period"], r["threshold_pct"]) for r in rows] == [("day", 80)]
+            assert 0.8 <= float(rows[0]["spent_usd"]) <= 1.0 and float(rows[0]["limit_usd"]) == 1.0
+            info = await nc.jetstream().stream_info("LLM_EVENTS", subjects_filter="llm.alerts.budget")
+            assert info.state.subjects == {"llm.alerts.budget": 1}
+
+            # Slices larger than a reservation: once the dispatchers' slices are idle they give them back, and
+            # what stays counted is what was spent.
+            replies = await _burst(nc, 500, account="roomy")
+            used, spent = await _wait_settled(nc, cfg, timeout=20, account="roomy")
+    done = [r for r in replies if isinstance(r, Done)]
+    errors = [r for r in replies if isinstance(r, Error)]
+    assert done and errors
+    assert {e.code for e in errors} == {"BUDGET_EXCEEDED"}, {e.code for e in errors}
+    assert all("daily budget of $20.00 for account roomy would be exceeded" in e.message for e in errors)
+    costs = sum(d.cost_usd or 0 for d in done)
+    assert spent <= 20_000_000 and costs <= 20.0
+    assert used == spent and abs(spent - policy.to_micros(costs)) <= len(done)
+    assert costs > 16.0  # most of the budget was spent (the rest was reserved when the last ones asked)
 
 
 @pytest.mark.timeout(180)
@@ -199,30 +222,6 @@ async def test_a_dispatcher_killed_mid_run_overspends_nothing_and_leaves_at_most
             # request's redelivery reserves again elsewhere and is settled once): a whole reservation, rarely two.
             used, spent = await _wait_settled(nc, cfg, left=3 * RESERVED)
     _check_outcome(replies, used, spent, left=3 * RESERVED)
-
-
-@pytest.mark.timeout(180)
-async def test_leased_slices_over_three_dispatchers_never_spend_past_the_budget_and_all_come_back(
-    tmp_path: Path, nats_url: str, metered_fake: FakeOpenAI, nc: NATS, db: asyncpg.Pool
-) -> None:
-    # $20 a day: each dispatcher leases slices of up to $0.40 (2 %) for $0.11 reservations, shrinking to one
-    # reservation near the limit; the 500 requests would cost ~$35.
-    cfg = _config(metered_fake, daily_usd=20.0)
-    async with running_fleet(nats_url, cfg, db, budgets=True):
-        with dispatchers(cfg, tmp_path, nats_url, 2):
-            await asyncio.sleep(2)
-            replies = await _burst(nc, 500)
-            # Once the dispatchers' slices are idle they give them back: what stays counted is what was spent.
-            used, spent = await _wait_settled(nc, cfg, timeout=20)
-    done = [r for r in replies if isinstance(r, Done)]
-    errors = [r for r in replies if isinstance(r, Error)]
-    assert done and errors
-    assert {e.code for e in errors} == {"BUDGET_EXCEEDED"}, {e.code for e in errors}
-    assert all("daily budget of $20.00 for account acme would be exceeded" in e.message for e in errors)
-    costs = sum(d.cost_usd or 0 for d in done)
-    assert spent <= 20_000_000 and costs <= 20.0
-    assert used == spent and abs(spent - policy.to_micros(costs)) <= len(done)
-    assert costs > 16.0  # most of the budget was spent (the rest was reserved when the last ones asked)
 
 
 async def test_a_redelivered_request_is_never_counted_twice(nats_url: str, nc: NATS) -> None:
