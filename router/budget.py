@@ -182,22 +182,22 @@ def slice_size(limit: int | None, seen: int, need: int) -> int:
     return max(need, min(int(limit * SLICE_SHARE), (limit - seen) // SLICE_HEADROOM_DIVISOR))
 
 
-def kept(limit: int | None, total: int, size: int, need: int) -> int:
+def kept(limit: int | None, total: int, size: int, need: int) -> int | None:
     """Of an increment of `size` whose answer was `total`, how much the dispatcher may keep: all of it when
     the total is within the limit; else what still fitted under the limit before it (`limit - (total -
-    size)`) when that covers `need`; else 0 (all of it is given back, and the request is refused). Whatever
-    is kept fitted under the limit when it was added, so kept slices never take the counter past it."""
+    size)`) when that covers `need`; else None (all of it is given back, and the request is refused).
+    Whatever is kept fitted under the limit when it was added, so kept slices never take the counter past it."""
     if limit is None or total <= limit:
         return size
     room = limit - (total - size)
-    return room if room >= need else 0
+    return room if room >= need else None
 
 
 class Slice:
     """What one dispatcher holds of one account's period: micro-dollars counted on the shared counter that no
     request of its own has reserved yet."""
 
-    __slots__ = ("last_ms", "remaining", "seen")
+    __slots__ = ("cap", "last_ms", "remaining", "seen")
 
     def __init__(self) -> None:
         self.remaining = 0
@@ -205,10 +205,18 @@ class Slice:
         """When a request last reserved from it (or it grew): idle slices are given back."""
         self.seen = 0
         """The counter's total the dispatcher last saw (for the next slice's size)."""
+        self.cap: int | None = None
+        """The limit it was last checked against (None: none)."""
 
-    def take(self, amount: int, at_ms: int) -> bool:
-        """Reserve `amount` locally; False (nothing taken) when the slice is short of it."""
-        if amount > self.remaining:
+    def covers(self, cap: int | None) -> bool:
+        """Whether it may be reserved from under the limit `cap`: one at least as high as the limit it was
+        checked against. A lowered limit is checked against the counter again first."""
+        return cap is None or (self.cap is not None and self.cap <= cap)
+
+    def take(self, amount: int, at_ms: int, cap: int | None) -> bool:
+        """Reserve `amount` locally under the limit `cap`; False (nothing taken) when the slice is short of it,
+        or was checked against a higher limit than `cap`."""
+        if amount > self.remaining or not self.covers(cap):
             return False
         self.remaining -= amount
         self.last_ms = at_ms
@@ -232,9 +240,9 @@ class Slices:
             got = self.held[key] = Slice()
         return got
 
-    def take(self, key: str, amount: int, at_ms: int) -> bool:
+    def take(self, key: str, amount: int, at_ms: int, cap: int | None) -> bool:
         got = self.held.get(key)
-        return got is not None and got.take(amount, at_ms)
+        return got is not None and got.take(amount, at_ms, cap)
 
     def due(self, at_ms: int, idle_ms: int, current: set[str]) -> list[tuple[str, int]]:
         """Remove and return (key, remaining) of each slice idle for `idle_ms` or whose period has ended

@@ -155,28 +155,30 @@ def test_what_an_increment_keeps_never_takes_the_counter_past_the_limit() -> Non
     limit = 1_000_000
     assert budget.kept(limit, 900_000, 200_000, 50_000) == 200_000  # within the limit: all of it
     assert budget.kept(limit, 1_050_000, 200_000, 50_000) == 150_000  # what fitted before it, enough for the request
-    assert budget.kept(limit, 1_180_000, 200_000, 50_000) == 0  # 20,000 fitted: less than the request needs
+    assert budget.kept(limit, 1_180_000, 200_000, 50_000) is None  # 20,000 fitted: less than the request needs
     assert budget.kept(limit, 1_000_000, 200_000, 200_000) == 200_000  # exactly at the limit
     assert budget.kept(None, 10**12, 5, 5) == 5  # no limit
     # Increments racing on one counter, in the server's order: the kept ones sum to at most the limit.
     total, kept = 0, []
     for size in (400_000, 300_000, 500_000, 200_000, 100_000):
         total += size
-        keep = budget.kept(limit, total, size, 100_000)
+        keep = budget.kept(limit, total, size, 100_000) or 0
         total -= size - keep
         kept.append(keep)
     assert kept == [400_000, 300_000, 300_000, 0, 0] and sum(kept) == total == limit
+    # A request that needs nothing more than what its slice had left: checked, and refused past the limit.
+    assert budget.kept(limit, 900_000, 0, 0) == 0 and budget.kept(limit, 1_000_001, 0, 0) is None
 
 
 def test_slices_take_locally_and_are_given_back_when_idle_or_their_period_ends() -> None:
     slices = budget.Slices()
     day, month, old = "llm.budget.acme.d20261130.used", "llm.budget.acme.m202611.used", "llm.budget.b.d20261129.used"
-    assert not slices.take(day, 1, 0)  # nothing held yet
+    assert not slices.take(day, 1, 0, None)  # nothing held yet
     slices.get(day).add(1_000, 0)
     slices.get(month).add(500, 0)
     slices.get(old).add(70, 0)
-    assert slices.take(day, 600, 100) and not slices.take(day, 600, 100) and slices.take(day, 400, 900)
-    assert slices.take(month, 500, 200)
+    assert slices.take(day, 600, 100, None) and not slices.take(day, 600, 100, None)
+    assert slices.take(day, 400, 900, None) and slices.take(month, 500, 200, None)
     assert slices.holding() == 70
     current = {"d20261130", "m202611"}
     assert slices.due(1_000, 1_500, current) == [("llm.budget.b.d20261129.used", 70)]  # its day ended
@@ -185,3 +187,13 @@ def test_slices_take_locally_and_are_given_back_when_idle_or_their_period_ends()
     assert set(slices.held) == {day}
     assert slices.due(2_700, 1_500, current) == [(day, 250)]
     assert slices.held == {} and slices.drain() == []
+
+
+def test_a_slice_checked_against_a_higher_limit_is_not_reserved_from_under_a_lower_one() -> None:
+    held = budget.Slice()
+    held.add(5_000, 0)
+    assert not held.take(1_000, 0, 100_000)  # never checked against a limit: the counter is asked first
+    held.cap = 100_000
+    assert held.take(1_000, 0, 100_000) and held.take(1_000, 0, 200_000)  # the same limit, or a raised one
+    assert not held.take(1_000, 0, 50_000)  # lowered: the counter is asked first
+    assert held.take(1_000, 0, None) and held.remaining == 2_000  # no limit now

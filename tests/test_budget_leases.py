@@ -159,3 +159,25 @@ async def test_a_redelivery_the_budget_refuses_is_not_refused_when_it_was_handed
     info = await nc.jetstream().stream_info("LLM_WORK", subjects_filter="llm.work.$handed")
     assert not info.state.subjects
     assert await _used(nc, cfg, "lease-d") == 0
+
+
+async def test_a_lowered_limit_is_checked_against_the_counter_before_a_slice_is_used_again(
+    nc: NATS, dispatchers: list[Budgets]
+) -> None:
+    budgets = dispatchers[0]
+    published = now_ms()
+    reqs = [_req(f"low{i}", "lease-e", 100) for i in range(4)]
+    await budgets.reserve(_config(FakeOpenAI(), daily_usd=100.0), reqs[0], SELECTION, published)
+    assert await _used(nc, _config(FakeOpenAI()), "lease-e") == 2_000_000  # a $2 slice, $1.89 of it left
+    # The limit lowered under what is counted: the slice held is not reserved from, and the request is refused.
+    with pytest.raises(BudgetRefused, match=r"daily budget of \$1\.50"):
+        await budgets.reserve(_config(FakeOpenAI(), daily_usd=1.5), reqs[1], SELECTION, published)
+    assert await _used(nc, _config(FakeOpenAI()), "lease-e") == 2_000_000 - 110_000  # what it used went back
+    # Lowered, but above what is counted: checked against the counter once, then reserved from again.
+    five = _config(FakeOpenAI(), daily_usd=5.0)
+    assert await budgets.reserve(five, reqs[2], SELECTION, published) == pytest.approx(0.11)
+    increments = await _increments(nc, five, "lease-e")
+    assert await budgets.reserve(five, reqs[3], SELECTION, published) == pytest.approx(0.11)
+    assert await _increments(nc, five, "lease-e") == increments
+    await budgets.stop()
+    assert await _used(nc, five, "lease-e") == 3 * 110_000  # the three requests reserved, nothing else

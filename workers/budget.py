@@ -14,9 +14,12 @@ counter it needs (one increment of `used`, `router/budget.py`'s `slice_size`: ~2
 while the headroom is large, shrinking to exactly the request's reservation near the limit) and
 reserves requests' worst cases from its slices locally, with no round trip. When an increment takes
 a total past its limit, the part that did not fit goes back at once (one decrement) and, when what
-fitted cannot cover the request, so does the rest and the request is refused: kept slices fitted
-under the limit when they were added, so `used` (spent + reserved + slices held) never stays past
-it and spend never passes it. Two requests that pass the limit together may both be refused.
+fitted cannot cover the request, so does the rest, with what was left of the dispatcher's slice,
+and the request is refused: kept slices fitted under the limit when they were added, so `used`
+(spent + reserved + slices held) never stays past it and spend never passes it. Two requests that
+pass the limit together may both be refused. A slice is reserved from locally only under a limit
+at least as high as the one it was checked against: after a limit is lowered (the account table,
+a config push), the next request asks the counter again.
 
 `used` keeps meaning "committed": the real spend of settled requests, the reservations of requests
 in flight, and the unused remainders of dispatchers' slices. A dispatcher gives a remainder back
@@ -218,9 +221,10 @@ class Budgets:
         per = policy.periods(published_ms, cfg.limits.timezone)
         used = {k: subject(self.prefix, req.account, per.of(k), "used") for k in _KINDS}
         at = now_ms()
-        short = [k for k in _KINDS if not self.slices.take(used[k], amount, at)]
+        caps = {k: policy.cap(limits, k) for k in _KINDS}
+        short = [k for k in _KINDS if not self.slices.take(used[k], amount, at, caps[k])]
         if short:
-            got = await asyncio.gather(*(self._lease(used[k], policy.cap(limits, k), amount) for k in short),
+            got = await asyncio.gather(*(self._lease(used[k], caps[k], amount) for k in short),
                                        return_exceptions=True)
             failed = [(k, g) for k, g in zip(short, got, strict=True) if g is not True]
             if failed:  # what was reserved for this request in the other period goes back to its slice
@@ -231,7 +235,7 @@ class Budgets:
                 k, why = failed[0]
                 if isinstance(why, BaseException):
                     raise why
-                cap = policy.cap(limits, k)
+                cap = caps[k]
                 assert cap is not None and isinstance(why, int)
                 raise BudgetRefused(policy.over_limit_message(req.account, k, cap, why, amount))
         self._held[mine] = (amount, False)
@@ -251,7 +255,7 @@ class Budgets:
         lock = self._locks.setdefault(subj, asyncio.Lock())
         try:
             async with lock:
-                if self.slices.take(subj, amount, now_ms()):  # the slice a request before this one took covers it
+                if self.slices.take(subj, amount, now_ms(), cap):  # the slice a request before this one took covers it
                     return True
                 return await self._grow(subj, cap, amount)
         finally:
@@ -271,11 +275,12 @@ class Budgets:
             raise
         keep = policy.kept(cap, total, size, need)
         held = self.slices.get(subj)  # (the sweeper may have dropped the slice meanwhile)
-        held.seen = total - size + keep
-        if keep == 0:
-            held.add(rest, now_ms())
-            await self._incr(subj, -size)  # refused: the increment goes back at once
+        if keep is None:  # refused: the increment goes back at once, and what was left of the slice with it
+            held.seen = total - size - rest
+            await self._incr(subj, -(size + rest))
             return total - size
+        held.seen = total - size + keep
+        held.cap = cap
         held.add(keep - need, now_ms())
         if keep < size:  # what did not fit under the limit goes back at once
             await self._incr(subj, keep - size)
