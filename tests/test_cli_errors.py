@@ -158,3 +158,22 @@ def test_ask_refuses_a_name_that_is_not_a_subject_token(flag: str, value: str) -
     assert one_line(out) == (f"switchyard: {flag} {value!r}: names are 1-128 characters of A-Z a-z 0-9 _ -"
                              " (no spaces, dots or other characters)")
     assert out.returncode == 1
+
+
+def test_every_command_and_subcommand_has_a_help_text() -> None:
+    """`--help` of every noun and action renders (a stray `%` in a help string makes argparse raise)."""
+    import argparse
+
+    from workers.cli import _parser
+
+    def walk(p: argparse.ArgumentParser, path: str) -> list[str]:
+        p.format_help()
+        seen = [path]
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    seen += walk(sub, f"{path} {name}")
+        return seen
+
+    seen = walk(_parser(), "switchyard")
+    assert {"switchyard budget status", "switchyard accounts limits set", "switchyard keys rotate"} <= set(seen)

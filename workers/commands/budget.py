@@ -62,7 +62,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     b = sub.add_parser("budget", help="accounts' spend against their budgets: status, set, reset")
     actions = b.add_subparsers(dest="action", required=True)
     status = actions.add_parser("status", parents=[where], help="spent, reserved (slices held by dispatchers"
-                                    " included), limit and % for day and month")
+                                    " included), limit and %% for day and month")
     status.add_argument("--account", help="one account (default: every account with spend or its own limits)")
     status.add_argument("--json", action="store_true", help="a JSON array instead of a table")
     put = actions.add_parser("set", parents=[where], help="an account's own daily and/or monthly limit (the budget"
