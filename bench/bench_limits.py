@@ -49,6 +49,7 @@ from collections.abc import Awaitable, Callable
 import msgspec
 import nats
 import uvloop
+from hop import dispatcher_hop, pct  # bench/ is on sys.path when a bench runs
 from machine import cpu_model, version  # bench/ is on sys.path when a bench runs
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -61,19 +62,11 @@ from router.config import RateLimit
 from router.limits import AccountLimits
 from router.ratelimit import per_second
 from router.routing import Selection, Source
-from schemas import Request, Target, decode_work
+from schemas import Request, Target
 from workers import limits
 from workers.budget import Budgets
-from workers.dispatcher import Dispatcher
-from workers.publish import Publisher
 from workers.ratelimits import RateLimiter, now_us
 from workers.runtime import configure_logging, ensure_topology
-
-
-def _pct(ms: list[float]) -> tuple[float, float]:
-    ms = sorted(ms)
-    return ms[len(ms) // 2], ms[min(len(ms) - 1, int(len(ms) * 0.99))]
-
 
 Admit = Callable[[str, RateLimit], Awaitable[bool]]
 
@@ -104,7 +97,7 @@ async def _rows(name: str, admits: list[Admit], cas: list[RateLimiter], n: int) 
         t = time.perf_counter()
         await admits[0](f"single{tag}", big)
         lat.append((time.perf_counter() - t) * 1000)
-    p50, p99 = _pct(lat)
+    p50, p99 = pct(lat)
     rows.append(f"| {name} | single | {1000 / statistics.mean(lat):,.0f} | {p50:.3f} | {p99:.3f} | | |")
 
     gate = asyncio.Semaphore(64)
@@ -118,7 +111,7 @@ async def _rows(name: str, admits: list[Admit], cas: list[RateLimiter], n: int) 
 
     t0 = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(n * 2)))
-    p50, p99 = _pct(lat)
+    p50, p99 = pct(lat)
     rows.append(f"| {name} | concurrent (64, 1,000 accounts) | {n * 2 / (time.perf_counter() - t0):,.0f} "
                 f"| {p50:.3f} | {p99:.3f} | | |")
 
@@ -201,86 +194,25 @@ async def _one_after_the_other(
 
 async def _dispatcher(url: str, mode: str, seconds: float) -> tuple[str, str]:
     cfg = _config(mode)
-    nc = await nats.connect(url)
-    js = nc.jetstream()
-    await ensure_topology(js, cfg)
-    await js.purge_stream("LLM_WORK")
-    dnc = await nats.connect(url)
-    djs = dnc.jetstream()
-    rates = await RateLimiter.open(djs) if mode in ("unlimited", "rate") or mode.startswith("both") else None
-    with_budgets = mode == "unlimited" or mode.startswith(("both", "budget"))
-    budgets = await Budgets.open(djs, "llm") if with_budgets else None
+    rate = mode in ("unlimited", "rate") or mode.startswith("both")
+    budget = mode == "unlimited" or mode.startswith(("both", "budget"))
     share = budget_policy.SLICE_SHARE
     if mode == "budget without leases":
         budget_policy.SLICE_SHARE = 0.0
     shipped = limits.admit
     if mode == "both in turn":
         limits.admit = _one_after_the_other
-    stop = asyncio.Event()
-    disp = Dispatcher(djs, Publisher(dnc, djs, "llm"), cfg, rates=rates, budgets=budgets)
-    task = asyncio.create_task(disp.serve(stop))
-    sent: dict[str, float] = {}
-    lat: list[float] = []
-    waiters: dict[str, asyncio.Future[None]] = {}
-
-    async def on_work(msg: object) -> None:
-        rid = decode_work(msg.data).request.id  # type: ignore[attr-defined]
-        if rid in sent:
-            lat.append((time.perf_counter() - sent.pop(rid)) * 1000)
-            fut = waiters.pop(rid, None)
-            if fut is not None and not fut.done():
-                fut.set_result(None)
-
-    await nc.subscribe("llm.work.openai", cb=on_work)
-    loop = asyncio.get_running_loop()
-
-    async def send(i: int) -> asyncio.Future[None]:
-        rid = uuid.uuid4().hex
-        body = msgspec.json.encode({"id": rid, "account": f"acct{i % 100}", "reply_to": "_INBOX.bench",
-                                    "max_tokens": 100,
-                                    "messages": [{"role": "user", "content": "Write a haiku about queues"}]})
-        fut: asyncio.Future[None] = loop.create_future()
-        waiters[rid] = fut
-        sent[rid] = time.perf_counter()
-        await nc.publish(f"llm.req.draft.acct{i % 100}", body)  # core publish: JetStream stores it
-        return fut
-
     try:
-        await asyncio.sleep(0.5)
-        # Saturation: 64 in flight, closed loop.
-        count = 0
-        end = time.perf_counter() + seconds
-
-        async def closed(k: int) -> None:
-            nonlocal count
-            while time.perf_counter() < end:
-                await asyncio.wait_for(await send(k * 7919 + count), 10)
-                count += 1
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(closed(k) for k in range(64)))
-        rps = count / (time.perf_counter() - t0)
-        p50, p99 = _pct(lat)
-        sat = f"{rps:,.0f} req/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms"
-        # 100 requests/s, open loop.
-        lat.clear()
-        futs = []
-        t0 = time.perf_counter()
-        for i in range(int(100 * seconds)):
-            await asyncio.sleep(max(0.0, t0 + i / 100 - time.perf_counter()))
-            futs.append(await send(i))
-        await asyncio.wait_for(asyncio.gather(*futs), 10)
-        p50, p99 = _pct(lat)
-        slow = f"p50 {p50:.3f} ms, p99 {p99:.3f} ms"
+        async with dispatcher_hop(url, cfg, rate=rate, budget=budget) as hop:
+            _, rps, lat = await hop.saturation(seconds, lambda i: f"acct{i % 100}")
+            p50, p99 = pct(lat)
+            sat = f"{rps:,.0f} req/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms"
+            _, lat = await hop.paced(seconds, lambda i: f"acct{i % 100}")
+            p50, p99 = pct(lat)
+            slow = f"p50 {p50:.3f} ms, p99 {p99:.3f} ms"
     finally:
-        stop.set()
-        await task
-        if budgets is not None:
-            await budgets.stop()  # the slices it leased go back, as a dispatcher's do when it stops
         budget_policy.SLICE_SHARE = share
         limits.admit = shipped
-        await dnc.close()
-        await nc.close()
     return sat, slow
 
 

@@ -21,33 +21,21 @@ counts the rate state's KV writes per request and the share of decisions made fr
 from __future__ import annotations
 
 import argparse
-import asyncio
 import platform
 import sys
-import time
 import uuid
 
-import msgspec
-import nats
 import uvloop
+from hop import dispatcher_hop, pct  # bench/ is on sys.path when a bench runs
 from machine import cpu_model, version  # bench/ is on sys.path when a bench runs
 from servers import start_nats  # bench/ is on sys.path when a bench runs
 
 from router import config as config_mod
 from router import ratelimit
-from schemas import decode_work
-from workers.budget import Budgets
-from workers.dispatcher import Dispatcher
-from workers.publish import Publisher
-from workers.ratelimits import BUCKET, RateLimiter
-from workers.runtime import configure_logging, ensure_topology
+from workers.ratelimits import BUCKET
+from workers.runtime import configure_logging
 
 MODES = ("off", "rate", "rate without leases", "both", "both without leases")
-
-
-def _pct(ms: list[float]) -> tuple[float, float]:
-    ms = sorted(ms)
-    return ms[len(ms) // 2], ms[min(len(ms) - 1, int(len(ms) * 0.99))]
 
 
 def _config(per_second: float, burst: int) -> config_mod.Config:
@@ -61,95 +49,40 @@ def _config(per_second: float, burst: int) -> config_mod.Config:
 
 
 async def _cell(url: str, mode: str, accounts: int, seconds: float, per_second: float, burst: int) -> str:
-    cfg = _config(per_second, burst)
-    nc = await nats.connect(url)
-    js = nc.jetstream()
-    await ensure_topology(js, cfg)
-    await js.purge_stream("LLM_WORK")
-    dnc = await nats.connect(url)
-    djs = dnc.jetstream()
-    rates = await RateLimiter.open(djs) if mode != "off" else None
-    budgets = await Budgets.open(djs, "llm") if mode.startswith("both") else None
+    tag = uuid.uuid4().hex[:6]  # fresh accounts per cell: no state or lease left from another cell
+
+    def account(i: int) -> str:
+        return f"a{tag}{i % accounts}"
+
     share = ratelimit.LEASE_SHARE
     if mode.endswith("without leases"):
         ratelimit.LEASE_SHARE = 10**18
-    stop = asyncio.Event()
-    disp = Dispatcher(djs, Publisher(dnc, djs, "llm"), cfg, rates=rates, budgets=budgets)
-    task = asyncio.create_task(disp.serve(stop))
-    sent: dict[str, float] = {}
-    lat: list[float] = []
-    waiters: dict[str, asyncio.Future[None]] = {}
-    tag = uuid.uuid4().hex[:6]  # fresh accounts per cell: no state or lease left from another cell
-
-    async def on_work(msg: object) -> None:
-        rid = decode_work(msg.data).request.id  # type: ignore[attr-defined]
-        if rid in sent:
-            lat.append((time.perf_counter() - sent.pop(rid)) * 1000)
-            fut = waiters.pop(rid, None)
-            if fut is not None and not fut.done():
-                fut.set_result(None)
-
-    await nc.subscribe("llm.work.openai", cb=on_work)
-    loop = asyncio.get_running_loop()
-
-    async def send(i: int) -> asyncio.Future[None]:
-        rid = uuid.uuid4().hex
-        account = f"a{tag}{i % accounts}"
-        body = msgspec.json.encode({"id": rid, "account": account, "reply_to": "_INBOX.bench", "max_tokens": 100,
-                                    "messages": [{"role": "user", "content": "Write a haiku about queues"}]})
-        fut: asyncio.Future[None] = loop.create_future()
-        waiters[rid] = fut
-        sent[rid] = time.perf_counter()
-        await nc.publish(f"llm.req.draft.{account}", body)  # core publish: JetStream stores it
-        return fut
-
-    async def writes() -> int:
-        try:
-            return int((await js.stream_info(f"KV_{BUCKET}")).state.last_seq)
-        except Exception:
-            return 0
-
-    def counted(n: int, w0: int, w1: int, local0: int) -> str:
-        if rates is None or n == 0:
-            return "—"
-        return f"{(w1 - w0) / n:.2f} writes/req, {(rates.local - local0) / n:.0%} from a lease"
-
     try:
-        await asyncio.sleep(0.5)
-        count = 0
-        end = time.perf_counter() + seconds
-        w0, local0 = await writes(), rates.local if rates else 0
+        async with dispatcher_hop(url, _config(per_second, burst), rate=mode != "off",
+                                  budget=mode.startswith("both")) as hop:
+            rates = hop.rates
 
-        async def closed(k: int) -> None:
-            nonlocal count
-            while time.perf_counter() < end:
-                await asyncio.wait_for(await send(k * 7919 + count), 10)
-                count += 1
+            async def writes() -> int:
+                try:
+                    return int((await hop.js.stream_info(f"KV_{BUCKET}")).state.last_seq)
+                except Exception:
+                    return 0
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(closed(k) for k in range(64)))
-        rps = count / (time.perf_counter() - t0)
-        p50, _ = _pct(lat)
-        sat = f"{rps:,.0f} req/s, p50 {p50:.2f} ms; {counted(count, w0, await writes(), local0)}"
-        lat.clear()
-        futs = []
-        w0, local0 = await writes(), rates.local if rates else 0
-        t0 = time.perf_counter()
-        n = int(100 * seconds)
-        for i in range(n):
-            await asyncio.sleep(max(0.0, t0 + i / 100 - time.perf_counter()))
-            futs.append(await send(i))
-        await asyncio.wait_for(asyncio.gather(*futs), 10)
-        p50, p99 = _pct(lat)
-        slow = f"p50 {p50:.3f} ms, p99 {p99:.3f} ms; {counted(n, w0, await writes(), local0)}"
+            async def counted(n: int, w0: int, local0: int) -> str:
+                if rates is None or n == 0:
+                    return "—"
+                return f"{(await writes() - w0) / n:.2f} writes/req, {(rates.local - local0) / n:.0%} from a lease"
+
+            w0, local0 = await writes(), rates.local if rates else 0
+            count, rps, lat = await hop.saturation(seconds, account)
+            p50, _ = pct(lat)
+            sat = f"{rps:,.0f} req/s, p50 {p50:.2f} ms; {await counted(count, w0, local0)}"
+            w0, local0 = await writes(), rates.local if rates else 0
+            n, lat = await hop.paced(seconds, account)
+            p50, p99 = pct(lat)
+            slow = f"p50 {p50:.3f} ms, p99 {p99:.3f} ms; {await counted(n, w0, local0)}"
     finally:
-        stop.set()
-        await task
-        if budgets is not None:
-            await budgets.stop()
         ratelimit.LEASE_SHARE = share
-        await dnc.close()
-        await nc.close()
     return f"| {mode} | {accounts} | {sat} | {slow} |"
 
 
