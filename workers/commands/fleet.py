@@ -35,7 +35,11 @@ class NoFleet(Exception):
     """NATS cannot be reached or holds no fleet; the message says which and what to do."""
 
 
-class CredentialRefused(Exception):
+class Refused(Exception):
+    """What the user asked for is refused, e.g. a bad value read after the arguments: one line, exit 1."""
+
+
+class CredentialRefused(Refused):
     """The server refused what the command sent with this credential (exit 1); the message says so."""
 
 
@@ -166,7 +170,7 @@ def run(command: Command, args: argparse.Namespace) -> int:
     except NoFleet as exc:
         say(str(exc))
         return NO_FLEET
-    except CredentialRefused as exc:
+    except Refused as exc:
         say(str(exc))
         return REFUSED
     except KeyboardInterrupt:

@@ -33,7 +33,7 @@ from router.secrets import (
 
 from .. import keys as store
 from .accounts import database, routing_config
-from .fleet import OK, REFUSED, NoFleet, say
+from .fleet import OK, REFUSED, NoFleet, Refused, say
 
 
 def _name(text: str) -> str:
@@ -88,7 +88,7 @@ def _master() -> MasterKeys:
 
 
 def _read_secret(name: str, account: str | None) -> str:
-    """The key from stdin when piped, else a prompt that does not echo. Raises NoFleet (one line)."""
+    """The key from stdin when piped, else a prompt that does not echo. Raises Refused (one line, exit 1)."""
     try:
         if sys.stdin is not None and not sys.stdin.isatty():
             text = sys.stdin.read(MAX_SECRET_CHARS + 3)
@@ -97,9 +97,9 @@ def _read_secret(name: str, account: str | None) -> str:
             text = getpass.getpass(f"key {name}{whose} (not echoed): ")
         return check_secret(text)
     except SecretsError as exc:
-        raise NoFleet(str(exc)) from None
+        raise Refused(str(exc)) from None
     except (EOFError, OSError, UnicodeDecodeError):
-        raise NoFleet("could not read the key: pipe it on stdin, or run the command in a terminal") from None
+        raise Refused("could not read the key: pipe it on stdin, or run the command in a terminal") from None
 
 
 def _whose(name: str, account: str | None) -> str:
