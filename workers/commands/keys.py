@@ -33,7 +33,7 @@ from router.secrets import (
 
 from .. import keys as store
 from .accounts import database, routing_config
-from .fleet import OK, REFUSED, NoFleet, Refused, say
+from .fleet import OK, REFUSED, Refused, say
 
 
 def _name(text: str) -> str:
@@ -108,7 +108,7 @@ def _whose(name: str, account: str | None) -> str:
 
 async def keys_command(args: argparse.Namespace) -> int:
     """Exit code 1 (one line) when the master keys are missing, malformed or do not open a stored row.
-    Raises NoFleet (exit code 2) when the database is not there or cannot be reached."""
+    Raises NoFleet (from the database helper; exit code 2) when the database is not there or cannot be reached."""
     try:
         match args.action:
             case "set":
