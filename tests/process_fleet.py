@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import pytest
 import pytest_asyncio
 from nats.aio.client import Client as NATS
 
+from router import config as config_mod
 from router.config import Config
 from router.vitals import ProcessStats, Role
 from workers import discovery, processes
@@ -55,6 +58,26 @@ async def module_conn(server: str) -> AsyncIterator[NATS]:
     c = await nats.connect(server)
     yield c
     await c.close()
+
+
+@contextlib.contextmanager
+def replicas(cfg: Config, tmp_path: Path, nats_url: str, roles: list[list[str]], **env: str
+             ) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """One `switchyard` process per entry of `roles` (e.g. `["dispatcher"]`, `["worker", "--pool", "openai"]`),
+    as replicas that join the fleet at `nats_url` with `cfg` (no DATABASE_URL), terminated on the way out."""
+    cfg_file = tmp_path / "config.json"
+    cfg_file.write_bytes(config_mod.encode(cfg))
+    environ = {**os.environ, "NATS_URL": nats_url, "SWITCHYARD_LOG_LEVEL": "warning", **env}
+    environ.pop("DATABASE_URL", None)
+    procs = [subprocess.Popen([sys.executable, "-m", "workers.cli", *role, "--config", str(cfg_file)], env=environ,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for role in roles]
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait(10)
 
 
 @contextlib.contextmanager

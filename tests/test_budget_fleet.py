@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +27,7 @@ from workers.runtime import ensure_topology
 
 from .conftest import fleet_config, running_fleet
 from .helpers import ask_raw, request
+from .process_fleet import replicas
 
 ANSWER = " ".join(["word"] * 50)  # 249 characters: 62 output tokens from the fake
 PROMPT = "Tell me about budgets, briefly please."  # 38 characters: 9 input tokens from the fake, 10 estimated
@@ -60,24 +58,9 @@ def _config(fake: FakeOpenAI, daily_usd: float = 1.0, **extra: Any) -> Config:
     return config_mod.from_mapping(raw)
 
 
-@contextmanager
-def dispatchers(cfg: Config, tmp_path: Path, nats_url: str, n: int) -> Iterator[list[subprocess.Popen[bytes]]]:
-    cfg_file = tmp_path / "config.json"
-    cfg_file.write_bytes(config_mod.encode(cfg))
-    env = {**os.environ, "NATS_URL": nats_url, "SWITCHYARD_LOG_LEVEL": "warning"}
-    env.pop("DATABASE_URL", None)
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "workers.cli", "dispatcher", "--config", str(cfg_file)],
-                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(n)
-    ]
-    try:
-        yield procs
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-                p.wait(10)
+def dispatchers(cfg: Config, tmp_path: Path, nats_url: str, n: int) -> AbstractContextManager[
+        list[subprocess.Popen[bytes]]]:
+    return replicas(cfg, tmp_path, nats_url, [["dispatcher"]] * n)
 
 
 async def _totals(nc: NATS, cfg: Config, account: str = "acme") -> tuple[int, int]:

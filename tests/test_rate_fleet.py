@@ -4,14 +4,11 @@ dispatcher dies), truthful retry hints, held requests (`queue_ms`), and 10,000 a
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +25,7 @@ from workers.runtime import ensure_topology
 
 from .conftest import fleet_config, running_fleet
 from .helpers import ask_raw, request
+from .process_fleet import replicas
 
 
 def _config(fake: FakeOpenAI, per_second: float, burst: int) -> Config:
@@ -37,24 +35,11 @@ def _config(fake: FakeOpenAI, per_second: float, burst: int) -> Config:
     return config_mod.from_mapping(raw)
 
 
-@contextmanager
-def processes(cfg: Config, tmp_path: Path, nats_url: str, dispatchers: int) -> Iterator[list[subprocess.Popen[bytes]]]:
+def processes(cfg: Config, tmp_path: Path, nats_url: str, dispatchers: int) -> AbstractContextManager[
+        list[subprocess.Popen[bytes]]]:
     """`dispatchers` dispatcher processes and one worker process of pool `openai`."""
-    cfg_file = tmp_path / "config.json"
-    cfg_file.write_bytes(config_mod.encode(cfg))
-    env = {**os.environ, "NATS_URL": nats_url, "SWITCHYARD_LOG_LEVEL": "warning", "SY_TEST_OPENAI_KEY": "sk-test"}
-    env.pop("DATABASE_URL", None)
-    cmd = [sys.executable, "-m", "workers.cli"]
-    args = [["dispatcher"]] * dispatchers + [["worker", "--pool", "openai"]]
-    procs = [subprocess.Popen([*cmd, *a, "--config", str(cfg_file)], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL) for a in args]
-    try:
-        yield procs
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-                p.wait(10)
+    roles = [["dispatcher"]] * dispatchers + [["worker", "--pool", "openai"]]
+    return replicas(cfg, tmp_path, nats_url, roles, SY_TEST_OPENAI_KEY="sk-test")
 
 
 class Replies:
