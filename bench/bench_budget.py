@@ -67,8 +67,8 @@ async def _one(cfg: Config, d: Budgets, w: Budgets, reserve_ms: list[float], set
     selection = Selection(chain=CHAIN, skipped=[], source=Source.DEFAULT_ROUTE, prompt_tokens=75)
     reserved = await d.reserve(cfg, req, selection, published)
     t1 = time.perf_counter()
-    await w.settle(cfg, WorkItem(request=req, route=CHAIN, accepted_ms=published, reserved_usd=reserved), 0.0002,
-                   failed=False)
+    w.settle(cfg, WorkItem(request=req, route=CHAIN, accepted_ms=published, reserved_usd=reserved), 0.0002,
+             failed=False)
     t2 = time.perf_counter()
     reserve_ms.append((t1 - t0) * 1000)
     settle_ms.append((t2 - t1) * 1000)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 from collections.abc import AsyncIterator
@@ -18,7 +17,7 @@ from schemas import Done, Error
 from .conftest import running_fleet
 from .helpers import ask_raw, request, switchyard
 from .test_budget_fleet import ANSWER, MAX_TOKENS, PROMPT, _config
-from .test_limits_fleet import account, limited_fleet, seen
+from .test_limits_fleet import account, limited_fleet, seen, settled
 
 __all__ = ["account"]  # the fixture, shared with test_limits_fleet
 
@@ -49,7 +48,7 @@ async def test_status_set_and_reset(
     async with limited_fleet(nats_url, pg_url, cfg) as routes:
         [done] = await ask_raw(nc, request(PROMPT, max_tokens=MAX_TOKENS, account=account), subject=subj)
         assert isinstance(done, Done) and done.cost_usd is not None
-        await asyncio.sleep(0.2)  # the settlement goes out alongside the reply
+        assert (await settled(nc, account))[1] > 0  # the worker's flush after the reply settled it
 
         got = await switchyard(capsys, "budget", "status", "--account", account, "--json", *where)
         assert got.code == 0, got.err

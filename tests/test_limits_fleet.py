@@ -87,6 +87,9 @@ async def limited_fleet(nats_url: str, pg_url: str, cfg: Config) -> AsyncIterato
             finally:
                 stop.set()
                 await asyncio.wait_for(asyncio.gather(*tasks), 15)
+                for w in workers:  # their settlements (and the alerts they raise) out, as a worker process does
+                    assert w.budgets is not None
+                    await w.budgets.stop()
     finally:
         for c in conns:
             await c.close()

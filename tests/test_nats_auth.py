@@ -323,8 +323,9 @@ async def test_each_fleet_role_does_its_own_work_on_the_shared_state_unrefused(s
     await progress.finished("acme", req.id)
     await progress.keep_event("acme", req.id, b"{}")
     settling = await Budgets.open(wjs, "llm")
-    await settling.settle(cfg, WorkItem(request=req, route=chain, accepted_ms=published, reserved_usd=reserved),
-                          0.9, failed=False)
+    settling.settle(cfg, WorkItem(request=req, route=chain, accepted_ms=published, reserved_usd=reserved), 0.9,
+                    failed=False)
+    await settling.stop()  # sends the settlement (and raises its alert) now rather than at the next flush
     await health.stop()  # its key report is deleted
     await view.stop()
 

@@ -27,16 +27,27 @@ in flight, and the unused remainders of dispatchers' slices. A dispatcher gives 
 idle for `IDLE_S`, when its period ends, and when it stops (`Budgets.stop`). A dispatcher that dies
 leaves its remainders counted until the period ends (erring on refusing, never on overspending).
 
-The worker's increments carry a `Nats-Msg-Id` derived from the account, the request id and the
-period, so a redelivered work item is never counted twice (within the stream's duplicate window,
-`DUPLICATE_WINDOW_S`):
+A worker does not increment the counters per request either. Its settlement of a request (in
+`PoolWorker._end`, through which every end passes: done, error, give-up, a stream lost with its
+worker) turns the reservation into the real cost: `used` by real cost − reserved (−reserved when
+the request failed; the whole reservation kept when no cost is known) and `spent` by the cost, in
+the day and month of the request's publish time (a request that ends after midnight settles in the
+day it reserved in). `settle` only adds these to sums per counter, in memory; every `FLUSH_S` the
+worker sends one increment per counter whose sum is not zero, all at once, each with a
+`Nats-Msg-Id` of its own (`settle:<process>:<batch>:<subject>`), so that a batch tried again after
+a failure (with the same ids, only within `RETRY_FOR_S` of its first try, well inside the stream's
+duplicate window `DUPLICATE_WINDOW_S`) is never counted twice; past that it is dropped with a
+warning. The settlement returns the unused part of the reservation to the shared counter, not to
+a dispatcher's slice.
 
-- `set:` the settlement on `used` (real cost − reserved; −reserved when the request failed) and
-  `spent:` the cost on `spent`, both by the worker in `PoolWorker._end`, through which every end
-  passes (done, error, give-up, a stream lost with its worker). A lost worker's item is
-  delivered again and ends there. The periods are those of the request's publish time, so a
-  request that ends after midnight settles in the day it reserved in. The settlement returns the
-  unused part of the reservation to the shared counter, not to the dispatcher's slice.
+A batch cannot be deduplicated per request, so a request must be settled once: `_end` queues the
+settlement only after the done marker (workers/progress.py) went out, on the connection the batch
+will go out on. A redelivery that finds the marker settles nothing; one that does not find it
+finds nothing queued by the worker before it. A worker stops by flushing what is pending (within
+`STOP_S`); a worker killed loses what it had not flushed, at most `FLUSH_S` of settlements: their
+reservations stay counted in `used` until the period ends (erring on refusing) and their spend is
+missing from `spent`. `budget status` lags the replies by up to `FLUSH_S`: a request's reserved
+amount returns to 0 with the flush after it ended.
 
 A dispatcher remembers the reservations it made (`HELD_MAX`, by account and request id), so a
 request delivered to it again finds its own; its release (a refused or unforwardable request) goes
@@ -53,15 +64,17 @@ the connection closes).
 
 Crossing a budget's `alert_at` (and 100 %) with settled spend publishes one
 `<prefix>.alerts.budget` event per account, period and threshold: the increment that crosses is
-seen by one process only, and a `create` of `<account>.<period>.<pct>` in `llm_budget_alerts`
-keeps it to once even after a reset.
+seen by one process only (its acknowledgement's total, less the batch's sum, is where the counter
+stood before; the request named is the one whose cost, in the batch's order, crossed), and a
+`create` of `<account>.<period>.<pct>` in `llm_budget_alerts` keeps it to once even after a reset.
 
 Which budget applies is router/limits.py's: the account's row of PostgreSQL's `llm_account_limits`
 (followed by the dispatcher, workers/accounts.py), then the config. An account with no budget at all
 (both amounts `"unlimited"`) reserves nothing: no round trip, no counters. A period without a budget
 is still reserved (from slices of `UNCAPPED_SLICE`, $1) and settled (so `budget status` shows its
 spend) but never refuses. The work item
-carries the limits the reservation was checked against, and the worker's alerts use them.
+carries the limits the reservation was checked against, and the worker's alerts use them (a
+batch's, per account and period: those of its latest request).
 """
 
 from __future__ import annotations
@@ -70,6 +83,7 @@ import asyncio
 import contextlib
 import uuid
 from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import msgspec
 import structlog
@@ -83,7 +97,7 @@ from router.config import Config
 from router.errors import ErrorCode, SwitchyardError
 from router.limits import AccountLimits
 from router.routing import Selection
-from schemas import Request, WorkItem
+from schemas import BudgetLimits, Request, WorkItem
 
 from .health import _bucket
 from .publish import now_ms
@@ -105,6 +119,16 @@ STOP_S = 5.0
 """How long a stopping dispatcher tries to give its slices back."""
 HELD_MAX = 16_384
 """Reservations remembered per dispatcher, so that a request delivered to it again reserves nothing more."""
+FLUSH_S = 0.25
+"""How often a worker sends its settlements, summed per counter: how long `budget status` may lag, and what a
+killed worker loses at most."""
+FLUSH_TIMEOUT_S = 5.0
+"""How long one increment of a flush may wait for its acknowledgement before it counts as not landed."""
+RETRY_FOR_S = DUPLICATE_WINDOW_S / 2
+"""How long after its first try a batch's increment is tried again: never so late that the server may have
+forgotten the message id of a first try that landed (the window, less the slowest tries' time)."""
+FLUSH_CONCURRENCY = 256
+"""Increments of one flush awaiting their acknowledgement at once."""
 
 
 def subject(prefix: str, account: str, period: str, kind: str) -> str:
@@ -126,6 +150,32 @@ class BudgetAlert(msgspec.Struct, kw_only=True):
     request_id: str
     """The request whose settlement crossed it."""
     at_ms: int
+
+
+@dataclass
+class _Spend:
+    """What a batch adds to one `spent` counter, for its alerts: the requests in the order they were settled."""
+
+    account: str
+    period: policy.PeriodKind
+    period_key: str
+    limits: BudgetLimits | None = None
+    """The latest request's (the limits its reservation was checked against)."""
+    requests: list[tuple[str, int]] = field(default_factory=list)
+    """(request id, cost in micro-dollars)."""
+
+
+@dataclass
+class _Step:
+    """One increment of a batch, kept with its message id until acknowledged."""
+
+    subject: str
+    delta: int
+    msg_id: str
+    first_s: float
+    """When it was first tried (the event loop's clock)."""
+    spend: _Spend | None
+    """A `spent` counter's: what to alert on."""
 
 
 class BudgetRefused(SwitchyardError):
@@ -157,6 +207,16 @@ class Budgets:
         self._timezone = "UTC"
         self._id = uuid.uuid4().hex[:12]
         self._seq = 0
+        self._sums: dict[str, int] = {}
+        """Settlements not sent yet (a worker's): the sum per counter subject."""
+        self._spends: dict[str, _Spend] = {}
+        """Of those, per `spent` subject, the requests they sum (for alerts)."""
+        self._unsent: list[_Step] = []
+        """Increments of earlier batches not acknowledged: tried again, with their message ids."""
+        self._batch_no = 0
+        self._flusher: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        """Set by `stop`: flush now rather than at the end of FLUSH_S."""
 
     @classmethod
     async def open(cls, js: JetStreamContext, prefix: str) -> Budgets:
@@ -170,8 +230,11 @@ class Budgets:
         self._alerts = await alerts_bucket(self.js)
 
     async def stop(self) -> None:
-        """Give back every slice this process holds (a dispatcher at shutdown). What does not go out stays
-        counted until the period ends, which errs on refusing."""
+        """Send the settlements not sent yet (a worker) and give back every slice this process holds (a
+        dispatcher), before the connection closes, each within STOP_S. What does not go out is logged: a
+        settlement's reservation stays counted, its spend not shown; a slice stays counted; until the period
+        ends, which errs on refusing."""
+        await self._stop_flushing()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(BaseException):
@@ -188,11 +251,11 @@ class Budgets:
                         effect="counted until the period ends (erring on refusing)")
             self._back.clear()
 
-    async def _incr(self, subj: str, delta: int, msg_id: str | None = None) -> PubAck:
+    async def _incr(self, subj: str, delta: int, msg_id: str | None = None, timeout: float | None = None) -> PubAck:
         headers = {_INCR: str(delta)}
         if msg_id is not None:
             headers["Nats-Msg-Id"] = msg_id
-        return await self.js.publish(subj, b"", headers=headers)
+        return await self.js.publish(subj, b"", timeout=timeout, headers=headers)
 
     async def reserve(
         self, cfg: Config, req: Request, selection: Selection, published_ms: int, own: AccountLimits | None = None
@@ -357,54 +420,152 @@ class Budgets:
             self.slices.get(subject(self.prefix, req.account, per.of(k), "used")).add(amount, at)
         self._ensure_sweeper()
 
-    async def settle(self, cfg: Config, work: WorkItem, cost_usd: float | None, *, failed: bool) -> None:
-        """Turn the work item's reservation into its real cost (a failed request costs nothing; a cost
-        nothing knows keeps the whole reservation), and alert on thresholds the spend crossed. Idempotent on
-        the request id. Logs rather than raises: a settlement that did not land leaves the reservation
-        counted, which errs on refusing, and must not hold back the request's reply."""
+    def settle(self, cfg: Config, work: WorkItem, cost_usd: float | None, *, failed: bool) -> None:
+        """Queue the turning of the work item's reservation into its real cost (a failed request costs nothing;
+        a cost nothing knows keeps the whole reservation): added to this process's sums per counter, which go
+        out every FLUSH_S, one increment per counter (`_flush`). No round trip, nothing raised.
+
+        Not idempotent on the request id: the caller settles a request once, after its done marker (so that a
+        redelivery finds it and settles nothing, `PoolWorker._end`). The alert limits of each `spent` counter
+        are those of the latest request of the batch (`work.budget`: what its reservation was checked against;
+        the config's for an item from an older dispatcher)."""
         reserved = policy.to_micros(work.reserved_usd)
         if reserved == 0:
             return
         req = work.request
         cost = 0 if failed else (reserved if cost_usd is None else policy.to_micros(cost_usd))
         per = policy.periods(work.accepted_ms, cfg.limits.timezone)
-        try:
-            steps = [
-                self._incr(subject(self.prefix, req.account, per.of(k), "used"), cost - reserved,
-                           f"set:{req.account}:{req.id}:{per.of(k)}")
-                for k in _KINDS
-            ]
-            if cost:
-                steps += [
-                    self._incr(subject(self.prefix, req.account, per.of(k), "spent"), cost,
-                               f"spent:{req.account}:{req.id}:{per.of(k)}")
-                    for k in _KINDS
-                ]
-            acks = await asyncio.gather(*steps)
-            if cost:
-                await self._alert(cfg, work, per, cost, acks[2:])
-        except Exception as exc:
-            log.warning("budget_settle_failed", request_id=req.id, account=req.account, error=repr(exc),
-                        effect="the reservation stays counted until the period ends or `budget reset`")
-
-    async def _alert(
-        self, cfg: Config, work: WorkItem, per: policy.Periods, cost: int, spent_acks: list[PubAck]
-    ) -> None:
-        req = work.request
-        # The limits the reservation was checked against; an item from an older dispatcher has none.
         limits = work.budget or policy.limits_for(cfg, req.account, req.tier)
-        if limits is None:
+        for k in _KINDS:
+            self._add(subject(self.prefix, req.account, per.of(k), "used"), cost - reserved)
+            if cost:
+                spent = subject(self.prefix, req.account, per.of(k), "spent")
+                self._add(spent, cost)
+                entry = self._spends.get(spent)
+                if entry is None:
+                    entry = self._spends[spent] = _Spend(req.account, k, per.of(k))
+                entry.limits = limits
+                entry.requests.append((req.id, cost))
+        self._ensure_flusher()
+
+    def _add(self, subj: str, delta: int) -> None:
+        self._sums[subj] = self._sums.get(subj, 0) + delta
+
+    async def _stop_flushing(self) -> None:
+        if self._flusher is None or self._flusher.done():
             return
-        for k, ack in zip(_KINDS, spent_acks, strict=True):
-            cap = policy.cap(limits, k)
-            if ack.duplicate or ack.val is None or cap is None:
-                continue
-            after = int(ack.val)
-            for pct in policy.crossed(after - cost, after, cap, limits.alert_at):
-                await self._raise_alert(BudgetAlert(
-                    account=req.account, period=k, period_key=per.of(k), threshold_pct=pct,
-                    limit_usd=policy.usd(cap), spent_usd=policy.usd(after), request_id=req.id, at_ms=now_ms(),
-                ))
+        self._wake.set()
+        try:
+            async with asyncio.timeout(STOP_S):
+                await self._flusher
+        except TimeoutError:
+            pass  # (the flusher was cancelled with the wait)
+        self._flusher = None
+        self._unsent += self._batch(0.0)
+        self._drop(self._unsent, "the worker stopped")
+
+    def _ensure_flusher(self) -> None:
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        """Flush every FLUSH_S (at once when `stop` asks); ends when nothing is left to send."""
+        while self._sums or self._unsent:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(FLUSH_S):
+                    await self._wake.wait()
+            self._wake.clear()
+            await self._flush()
+            if self._unsent and getattr(getattr(self.js, "_nc", None), "is_closed", False):
+                self._drop(self._unsent, "the connection closed")
+                return
+
+    async def _flush(self) -> None:
+        """Send the pending sums, one increment per counter, with the batches not acknowledged yet (the same
+        message ids: a retry of an increment that did land is a duplicate, counted once). A batch is tried
+        again only within RETRY_FOR_S of its first try, well inside the stream's duplicate window."""
+        now = asyncio.get_running_loop().time()
+        steps: list[_Step] = []
+        late: list[_Step] = []
+        for step in self._unsent:
+            (steps if now - step.first_s < RETRY_FOR_S else late).append(step)
+        if late:
+            self._drop(late, "not acknowledged within the retry window")
+        steps += self._batch(now)
+        self._unsent = steps  # until acknowledged: a stop that cuts this flush short still knows them
+        gate = asyncio.Semaphore(FLUSH_CONCURRENCY)
+
+        async def send(step: _Step) -> PubAck:
+            async with gate:
+                return await self._incr(step.subject, step.delta, step.msg_id, timeout=FLUSH_TIMEOUT_S)
+
+        results = await asyncio.gather(*(send(s) for s in steps), return_exceptions=True)
+        self._unsent = [s for s, r in zip(steps, results, strict=True) if isinstance(r, BaseException)]
+        for step, res in zip(steps, results, strict=True):
+            if isinstance(res, BaseException):
+                log.debug("budget_settle_failed", subject=step.subject, error=repr(res))
+            elif step.spend is not None:
+                await self._alert(step.spend, step.delta, res)
+
+    def _batch(self, now: float) -> list[_Step]:
+        """The pending sums as one batch of increments (zero sums left out), each with a message id unique to
+        this process, batch and counter."""
+        sums, spends = self._sums, self._spends
+        self._sums, self._spends = {}, {}
+        if not any(sums.values()):
+            return []
+        self._batch_no += 1
+        return [_Step(subj, delta, f"settle:{self._id}:{self._batch_no}:{subj}", now, spends.get(subj))
+                for subj, delta in sums.items() if delta]
+
+    @staticmethod
+    def _drop(steps: list[_Step], why: str) -> None:
+        """Give up on increments that may not be tried again (logged with what that leaves wrong)."""
+        for step in steps:
+            if step.subject.endswith(".spent"):
+                effect = "spend shown low by this much until the period ends"
+            elif step.delta < 0:
+                effect = "reservations stay counted until the period ends (erring on refusing)"
+            else:
+                effect = "spend past its reservations not counted against the limit"
+            log.warning("budget_settlement_dropped", subject=step.subject, usd=policy.usd(step.delta), why=why,
+                        effect=effect)
+        steps.clear()
+
+    async def _alert(self, spend: _Spend, total: int, ack: PubAck) -> None:
+        """Alert on each threshold the batch took the counter across, naming the request whose settlement (in
+        the batch's order) crossed it. The counter's total after the batch is the acknowledgement's, or, for a
+        duplicate (a retry of an increment that had landed, its acknowledgement lost), the one stored with the
+        first try's message (one read, on this rare path)."""
+        limits = spend.limits
+        cap = None if limits is None else policy.cap(limits, spend.period)
+        if limits is None or cap is None:
+            return
+        try:
+            after = int(ack.val) if not ack.duplicate and ack.val is not None else await self._total_at(ack)
+        except Exception as exc:
+            log.warning("budget_alert_failed", account=spend.account, period=spend.period_key, error=repr(exc),
+                        effect="a threshold this batch crossed is not alerted")
+            return
+        running = after - total  # the total before this batch
+        for request_id, cost in spend.requests:
+            for pct in policy.crossed(running, running + cost, cap, limits.alert_at):
+                try:
+                    await self._raise_alert(BudgetAlert(
+                        account=spend.account, period=spend.period, period_key=spend.period_key, threshold_pct=pct,
+                        limit_usd=policy.usd(cap), spent_usd=policy.usd(running + cost), request_id=request_id,
+                        at_ms=now_ms(),
+                    ))
+                except Exception as exc:
+                    log.warning("budget_alert_failed", account=spend.account, period=spend.period_key,
+                                threshold_pct=pct, error=repr(exc))
+            running += cost
+
+    async def _total_at(self, ack: PubAck) -> int:
+        """A counter's total just after the increment `ack` acknowledged (its stored message says it)."""
+        async with asyncio.timeout(FLUSH_TIMEOUT_S):
+            msg = await self.js.get_msg(STREAM, seq=ack.seq, direct=True)
+        return _val(msg.data)
 
     async def _raise_alert(self, alert: BudgetAlert) -> None:
         kv = self._alerts or await alerts_bucket(self.js)
@@ -429,4 +590,9 @@ async def counter(js: JetStreamContext, subj: str) -> int:
         msg = await js.get_msg(STREAM, subject=subj, direct=True)
     except NotFoundError:
         return 0
-    return int(msgspec.json.decode(msg.data or b'{"val": "0"}', type=dict[str, str]).get("val", "0"))
+    return _val(msg.data)
+
+
+def _val(data: bytes | None) -> int:
+    """A counter message's total."""
+    return int(msgspec.json.decode(data or b'{"val": "0"}', type=dict[str, str]).get("val", "0"))

@@ -194,17 +194,20 @@ async def _run_worker(
         async with http_client() as http:
             progress = Progress(nc, await ensure_bucket(js))
             keyring = keyring_for_worker(database_url())  # keys stored in PostgreSQL, when it can read them
+            budgets = await Budgets.open(js, cfg.subject_prefix)
             worker = PoolWorker(js, Publisher(nc, js, cfg.subject_prefix), http, cfg, pool, api_keys(cfg), progress,
-                                metrics=metrics,
-                                tracing=tracing, budgets=await Budgets.open(js, cfg.subject_prefix), keyring=keyring)
+                                metrics=metrics, tracing=tracing, budgets=budgets, keyring=keyring)
             live.on_change(lambda new: worker.reconfigure(new, api_keys(new)))
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(live.follow(js, stop))
-                if keyring is not None:
-                    tg.create_task(keyring.run(stop))
-                    await keyring.first_load()
-                tg.create_task(discovery.watch_provider(stop, worker))  # its provider's health, in its stats
-                await worker.serve(stop)
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(live.follow(js, stop))
+                    if keyring is not None:
+                        tg.create_task(keyring.run(stop))
+                        await keyring.first_load()
+                    tg.create_task(discovery.watch_provider(stop, worker))  # its provider's health, in its stats
+                    await worker.serve(stop)
+            finally:
+                await budgets.stop()  # sends the settlements not sent yet, before the connection drains
     finally:
         await nc.drain()
 

@@ -564,20 +564,21 @@ class PoolWorker:
         )
 
     async def _end(self, work: WorkItem, out: _Outcome, failure: SwitchyardError | None) -> None:
-        """The terminal reply, the done marker, then the completion event. Once the reply is out nothing
-        may call the provider again: an event that cannot be published is kept in the progress bucket
-        for the redelivery to publish, and the error goes up so the item is delivered again."""
+        """The terminal reply, the done marker, the budget's settlement, then the completion event. Once the
+        reply is out nothing may call the provider again: an event that cannot be published is kept in the
+        progress bucket for the redelivery to publish, and the error goes up so the item is delivered again.
+        The settlement is queued only once the done marker went out, on the same connection as the batch that
+        will carry it: a redelivery that finds the marker settles nothing, one that does not find it finds
+        nothing settled (workers/budget.py)."""
         req = work.request
         reply = self._done(req, work, out) if failure is None else failure.to_reply(req.id, out.seq)
-        if self.budgets is None:
-            await self.pub.reply(req.reply_to, reply, account=req.account)
-        else:  # the settlement (it never raises) alongside the reply, not in front of it
-            settle = self.budgets.settle(self.cfg, work, out.cost_usd, failed=failure is not None)
-            await asyncio.gather(self.pub.reply(req.reply_to, reply, account=req.account), settle)
+        await self.pub.reply(req.reply_to, reply, account=req.account)
         out.terminal_sent = True
         self.metrics.ended(self.cfg, work, self.provider_name, failure.code.value if failure else OK, out.usage,
                            out.cost_usd, out.first_token_ms)
         await self.progress.finished(req.account, req.id)
+        if self.budgets is not None:
+            self.budgets.settle(self.cfg, work, out.cost_usd, failed=failure is not None)
         event = encode(self._event(work, out, error=failure.code.value if failure else None))
         try:
             await self.pub.publish(*self._event_message(event, req.account, req.id))
