@@ -12,7 +12,8 @@ requests published into LLM_REQ for `--accounts` accounts in turn, timed until t
 "Without leases" sets router.ratelimit.LEASE_SHARE so large that no lease is ever more than one token. The
 rate limit is `--rate per_second,burst` (default 1e6,1e6: everything is admitted; a lease is at most
 burst / 4 tokens, valid burst / 4 / per_second seconds, 0.25 s by default). Besides latency, each cell
-counts the rate state's KV writes per request and the share of decisions made from a lease.
+counts the rate state's KV writes per request (those of leases taken ahead of need included), the share
+of decisions made from a lease, and the share made from a lease taken ahead of need.
 
     .venv/bin/python bench/bench_rate_leases.py [--accounts 100,10] [--seconds 5] [--rounds 2]
         [--modes off,rate,"rate without leases",both,"both without leases"] [--rate 1e6,1e6]
@@ -68,19 +69,24 @@ async def _cell(url: str, mode: str, accounts: int, seconds: float, per_second: 
                 except Exception:
                     return 0
 
-            async def counted(n: int, w0: int, local0: int) -> str:
+            def marks() -> tuple[int, int]:
+                return (rates.local, rates.from_ahead) if rates else (0, 0)
+
+            async def counted(n: int, w0: int, mark: tuple[int, int]) -> str:
                 if rates is None or n == 0:
                     return "—"
-                return f"{(await writes() - w0) / n:.2f} writes/req, {(rates.local - local0) / n:.0%} from a lease"
+                await rates.quiet()  # the refills the last requests started are counted with them
+                return (f"{(await writes() - w0) / n:.2f} writes/req, {(rates.local - mark[0]) / n:.0%} from a lease"
+                        f" ({(rates.from_ahead - mark[1]) / n:.0%} taken ahead)")
 
-            w0, local0 = await writes(), rates.local if rates else 0
+            w0, mark = await writes(), marks()
             count, rps, lat = await hop.saturation(seconds, account)
             p50, _ = pct(lat)
-            sat = f"{rps:,.0f} req/s, p50 {p50:.2f} ms; {await counted(count, w0, local0)}"
-            w0, local0 = await writes(), rates.local if rates else 0
+            sat = f"{rps:,.0f} req/s, p50 {p50:.2f} ms; {await counted(count, w0, mark)}"
+            w0, mark = await writes(), marks()
             n, lat = await hop.paced(seconds, account)
             p50, p99 = pct(lat)
-            slow = f"p50 {p50:.3f} ms, p99 {p99:.3f} ms; {await counted(n, w0, local0)}"
+            slow = f"p50 {p50:.3f} ms, p99 {p99:.3f} ms; {await counted(n, w0, mark)}"
     finally:
         ratelimit.LEASE_SHARE = share
     return f"| {mode} | {accounts} | {sat} | {slow} |"

@@ -14,11 +14,15 @@ A replica may also *lease* `k` request tokens in one decision (`take=k`: TAT mov
 request that asked with the first and the account's next `k − 1` requests locally with the others, each
 only until `V` after the debit (`lease_validity_us`). The size is adaptive and keeps the limit exact
 where it matters: `k = 1` (no lease) unless at least half the burst is available, and `k` ≤ burst / 4
-(`lease_cap`), so `per_second × V` ≤ burst / 4. A leased token is spent when it is debited, so the
-debits keep the bucket's exact shape; only its use may come up to `V` later. Over any window of `W`
-seconds the admissions are therefore at most what the exact limiter allows over `W + V`:
-`burst + per_second × W + ⌊burst / 4⌋`, and at most `burst + per_second × W + Σ (k − 1)` over the
-replicas' live leases (one per account per replica). Unused leased tokens are lost (erring on refusing).
+(`lease_cap`), so `per_second × V` ≤ burst / 4. A replica may also take its next lease *ahead of
+need*, right after a request left it without a token (`refill_size`, `Lease.ahead`): a decision no
+request waits for, whose `k` tokens are all left for the account's next requests, under the same
+rules (half the burst available, at most `lease_cap`, valid for `V`). A leased token is spent when it
+is debited, so the debits keep the bucket's exact shape; only its use may come up to `V` later. Over
+any window of `W` seconds the admissions are therefore at most what the exact limiter allows over
+`W + V`: `burst + per_second × W + ⌊burst / 4⌋`, and at most `burst + per_second × W + Σ left` over
+the unused tokens of the replicas' live leases when the window begins (one lease per account per
+replica, so at most `lease_cap` each). Unused leased tokens are lost (erring on refusing).
 
 Everything here is pure: the clock is a parameter, and the shared copy of the state lives in
 workers/ratelimits.py.
@@ -159,6 +163,8 @@ class Lease(msgspec.Struct, kw_only=True):
     left: int
     taken_us: int
     until_us: int
+    ahead: bool = False
+    """Taken ahead of need, by no request: all `size` tokens were left for the account's next requests."""
 
     @classmethod
     def taken(cls, limit: RateLimit, size: int, now_us: int) -> Lease:
@@ -166,10 +172,20 @@ class Lease(msgspec.Struct, kw_only=True):
         return cls(limit=limit, size=size, left=size - 1, taken_us=now_us,
                    until_us=now_us + lease_validity_us(limit))
 
+    @classmethod
+    def taken_ahead(cls, limit: RateLimit, size: int, now_us: int) -> Lease:
+        """The lease of `size` tokens debited at `now_us` ahead of need: every one of them left."""
+        return cls(limit=limit, size=size, left=size, taken_us=now_us,
+                   until_us=now_us + lease_validity_us(limit), ahead=True)
+
+    def usable(self, limit: RateLimit, now_us: int) -> bool:
+        """Whether a token is left to use at `now_us` under the account's `limit` (see `use`)."""
+        return self.left > 0 and now_us <= self.until_us and self.limit == limit
+
     def use(self, limit: RateLimit, now_us: int) -> bool:
         """Spend one leased token at `now_us`; False (nothing spent) when none is left, the lease has
         expired, or the account's limit is no longer the one it was taken under."""
-        if self.left <= 0 or now_us > self.until_us or self.limit != limit:
+        if not self.usable(limit, now_us):
             return False
         self.left -= 1
         return True
@@ -185,6 +201,32 @@ class Lease(msgspec.Struct, kw_only=True):
         used = self.size - self.left
         validity = self.until_us - self.taken_us
         return max(1, used * validity // max(1, now_us - self.taken_us))
+
+    def wanted_ahead(self, limit: RateLimit, now_us: int) -> int:
+        """The size to take ahead of need once this lease has no token left. After a lease taken ahead,
+        all of whose uses came after its debit: the account's rate on this replica over the lease,
+        scaled to one validity (at most twice its size; never less than its size when it was used up
+        within `V`), so a steady account's leases settle at what it uses within `V` instead of doubling
+        past it. After a request's own one-token decision: 1 (the
+        account's rate here is not known yet, and one token is what makes its next request within `V`
+        free). Else `wanted_next`."""
+        if self.limit != limit:
+            return 1
+        if not self.ahead:
+            return 1 if self.size == 1 else self.wanted_next(limit, now_us)
+        used = self.size - self.left
+        validity = self.until_us - self.taken_us
+        return max(1, min(2 * self.size, used * validity // max(1, now_us - self.taken_us)))
+
+
+def refill_size(state: RateState, limit: RateLimit, now_us: int, wanted: int) -> int:
+    """How many request tokens to take ahead of need: `wanted` (at least 1) up to `lease_cap`, or 0 (none)
+    when the limit allows no lease or less than half the burst is available, so that an account near
+    its limit is decided one request at a time, exactly, with no token leased that it may not use."""
+    cap = lease_cap(limit)
+    if cap <= 1 or 2 * available(state, limit, now_us) < limit.burst:
+        return 0
+    return min(max(1, wanted), cap)
 
 
 def decide_leasing(

@@ -279,12 +279,18 @@ async def test_a_steady_account_under_its_limit_is_mostly_admitted_from_leases(n
         start = now_us() + 60 * 1_000_000
         before = await _kv_writes(conns[0])
         decisions = [await replicas[i % 3].decide("steady", limit, start + i * 1_000_000 // 60) for i in range(300)]
+        for r in replicas:
+            await r.quiet()
         writes = await _kv_writes(conns[0]) - before
         assert all(d.admitted for d in decisions)
         local = sum(r.local for r in replicas)
-        assert writes == 300 - local  # each decision not made from a lease wrote the state once
+        ahead = sum(r.ahead for r in replicas)
+        assert writes == 300 - local + ahead  # one write per decision not made from a lease, and per refill
         assert writes <= 300 // 3, writes  # most decisions made no round trip
-        assert all(r.local > 0 and r.leased > 0 for r in replicas)
+        # Each replica's next lease was taken ahead of need: only its first request awaited a compare-and-set
+        # (a few more when a refill lost its compare-and-sets to the other replicas' and was dropped).
+        assert 300 - local <= 3 * 3, 300 - local
+        assert all(r.from_ahead > 0 and r.leased > 0 for r in replicas)
         # Queued requests (queue_ms) and an account under tokens_per_minute never lease: one write each.
         before = await _kv_writes(conns[0])
         for i in range(10):
@@ -303,14 +309,14 @@ async def test_three_replicas_leasing_stay_within_the_stated_bound(nats_url: str
 
     from router.ratelimit import lease_cap
 
-    from .test_ratelimit import late_use_arrivals, random_arrivals, simulate, worst_excess
+    from .test_ratelimit import Trace, late_refill_arrivals, random_arrivals, simulate, worst_excess
 
     conns, replicas = await _replicas(nats_url, 3)
     try:
         limit = RateLimit(per_second=10, burst=40)
         start = now_us() + 600 * 1_000_000  # our own clock, ahead of the real one (see above)
-        schedules = [late_use_arrivals(limit, start), random_arrivals(random.Random(5), start + 60_000_000, 300)]
-        excesses = []
+        schedules = [late_refill_arrivals(limit, start), random_arrivals(random.Random(5), start + 60_000_000, 300)]
+        refills = 0
         for n, arrivals in enumerate(schedules):
             account = f"bound{n}"
             admitted: list[tuple[int, int, int]] = []
@@ -320,14 +326,21 @@ async def test_three_replicas_leasing_stay_within_the_stated_bound(nats_url: str
                 if d.admitted:
                     assert d.at_us == t
                     admitted.append((t, r, replicas[r].local - local))
-            # The replicas on the shared state admit exactly what router/ratelimit.py's arithmetic does ...
-            expected = simulate(limit, arrivals)
+                for replica in replicas:  # its refill ahead, if any, before the next arrival (as simulated)
+                    await replica.quiet()
+            # The replicas on the shared state, each refilling ahead, admit exactly what router/ratelimit.py's
+            # arithmetic does ...
+            trace = Trace()
+            expected = simulate(limit, arrivals, {0, 1, 2}, trace)
             assert [(t, r, k == 0) for t, r, k in expected] == [(t, r, bool(k)) for t, r, k in admitted]
-            # ... which stays within burst + rate x W + lease_cap in any window of W.
-            excesses.append(worst_excess(limit, [t for t, _, _ in admitted]))
-            assert excesses[-1] <= lease_cap(limit)
-        assert excesses[0] == lease_cap(limit) - 1  # the worst case does reach past the exact limiter's bound
-        assert all(r.local > 0 for r in replicas)
+            refills += len(trace.refills)
+            assert sum(r.ahead for r in replicas) == refills  # the same refills, too
+            # ... which stays within burst + rate x W + lease_cap in any window of W, and within the exact
+            # bound plus the leased tokens held unused when the window began.
+            times = [t for t, _, _ in admitted]
+            assert worst_excess(limit, times) <= lease_cap(limit)
+            assert worst_excess(limit, times, trace.held) <= 0
+        assert all(r.from_ahead > 0 for r in replicas)
     finally:
         for c in conns:
             await c.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Collection
 
 from router import config as config_mod
 from router.config import LimitsConfig, RateLimit
@@ -18,6 +19,7 @@ from router.ratelimit import (
     lease_size,
     lease_validity_us,
     limits_for,
+    refill_size,
 )
 from schemas import Message, Request
 
@@ -142,33 +144,58 @@ def test_estimated_tokens_are_the_prompt_plus_the_answer() -> None:
 # Leases: one decision takes k request tokens; the replica admits k - 1 more locally until they expire.
 
 
-def simulate(limit: RateLimit, arrivals: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+class Trace:
+    """What `simulate` saw besides the admissions: the refills ahead of need (time, replica, size), and
+    the unused leased tokens the replicas held, still valid, when each arrival's moment began."""
+
+    def __init__(self) -> None:
+        self.refills: list[tuple[int, int, int]] = []
+        self.held: dict[int, int] = {}
+
+
+def simulate(
+    limit: RateLimit, arrivals: list[tuple[int, int]], ahead: Collection[int] = (), trace: Trace | None = None
+) -> list[tuple[int, int, int]]:
     """Replicas sharing one account's state as workers/ratelimits.py does (one shared state, a lease per
     replica), on a fake clock: (time, replica, tokens its decision took; 0 for a local admission) for
-    each admitted arrival (time, replica), in order."""
+    each admitted arrival (time, replica), in order. The replicas in `ahead` take their next lease ahead
+    of need, at the moment an admission left them without a token, before the next arrival."""
     state = RateState()
     leases: dict[int, Lease] = {}
     out = []
+    trace = trace if trace is not None else Trace()
     for t, replica in arrivals:
+        trace.held.setdefault(t, sum(held.left for held in leases.values() if held.usable(limit, t)))
         last = leases.get(replica)
         if last is not None and last.use(limit, t):
             out.append((t, replica, 0))
-            continue
-        d, take = decide_leasing(state, limit, t, last)
-        if d.admitted:
+        else:
+            d, take = decide_leasing(state, limit, t, last)
+            if not d.admitted:
+                continue
             state = d.state
-            leases[replica] = Lease.taken(limit, take, t)
+            last = leases[replica] = Lease.taken(limit, take, t)
             out.append((t, replica, take))
+        if replica in ahead and last.left == 0:
+            size = refill_size(state, limit, t, last.wanted_ahead(limit, t))
+            if size:
+                refill = decide(state, limit, t, take=size)
+                assert refill.admitted  # half the burst is there, and a lease is at most a quarter of it
+                state = refill.state
+                leases[replica] = Lease.taken_ahead(limit, size, t)
+                trace.refills.append((t, replica, size))
     return out
 
 
-def worst_excess(limit: RateLimit, times_us: list[int]) -> float:
-    """The most admissions in any window [t, t + W] beyond the exact limiter's burst + per_second x W."""
+def worst_excess(limit: RateLimit, times_us: list[int], held: dict[int, int] | None = None) -> float:
+    """The most admissions in any window [t, t + W] beyond the exact limiter's burst + per_second x W
+    (and beyond the leased tokens held unused when the window began, `held` by moment, when given)."""
     times = sorted(times_us)
     worst = float("-inf")
     for i, t in enumerate(times):
+        extra = held[t] if held is not None else 0
         for j in range(i, len(times)):
-            worst = max(worst, (j - i + 1) - (limit.burst + float(limit.per_second) * (times[j] - t) / S))
+            worst = max(worst, (j - i + 1) - (limit.burst + float(limit.per_second) * (times[j] - t) / S) - extra)
     return worst
 
 
@@ -262,10 +289,13 @@ def test_a_late_leased_token_adds_at_most_a_quarter_burst_to_any_window() -> Non
     # more. The worst case reaches cap - 1 (= 9 here) at one instant.
     limit = RateLimit(per_second=10, burst=40)
     arrivals = late_use_arrivals(limit, T0)
-    out = simulate(limit, arrivals)
+    trace = Trace()
+    out = simulate(limit, arrivals, {1}, trace)  # replica 1 refilling ahead changes nothing here
     until = arrivals[-1][0]
     assert sum(1 for t, r, k in out if t == until and r == 0 and k == 0) == 9
     assert worst_excess(limit, [t for t, _, _ in out]) == lease_cap(limit) - 1
+    # Exactly the leased tokens replica 0 held unused when that window began: the second bound is tight.
+    assert worst_excess(limit, [t for t, _, _ in out], trace.held) == 0
     # One microsecond later the lease has expired: replica 0's requests go to the shared state instead.
     out = simulate(limit, [(t + 1, r) if t == until else (t, r) for t, r in arrivals])
     assert worst_excess(limit, [t for t, _, _ in out]) <= 0
@@ -274,9 +304,85 @@ def test_a_late_leased_token_adds_at_most_a_quarter_burst_to_any_window() -> Non
 def test_three_replicas_leasing_stay_within_the_stated_bound() -> None:
     limit = RateLimit(per_second=10, burst=40)
     rng = random.Random(9)
-    local = 0
-    for _ in range(40):
-        out = simulate(limit, random_arrivals(rng, T0, rng.randint(50, 250)))
-        assert worst_excess(limit, [t for t, _, _ in out]) <= lease_cap(limit)
+    local = refills = 0
+    for n in range(60):
+        # Replicas 0 and 1 take their next lease ahead of need (as workers/ratelimits.py does); in a third of
+        # the schedules replica 2 does too, else it leases only when a request asks.
+        trace = Trace()
+        ahead = {0, 1, 2} if n % 3 == 0 else {0, 1}
+        out = simulate(limit, random_arrivals(rng, T0, rng.randint(50, 250)), ahead, trace)
+        times = [t for t, _, _ in out]
+        assert worst_excess(limit, times) <= lease_cap(limit)
+        # ... and within the exact bound plus the leased tokens the replicas held unused when a window began.
+        assert worst_excess(limit, times, trace.held) <= 0
         local += sum(1 for _, _, k in out if k == 0)
-    assert local > 500  # the replicas did lease: the bound was checked on late uses, not exact decisions only
+        refills += len(trace.refills)
+    # The replicas did lease, and ahead: the bound was checked on late uses, not exact decisions only.
+    assert local > 500 and refills > 300
+
+
+def test_a_refill_takes_what_the_accounts_use_asks_for_while_half_the_burst_is_there() -> None:
+    limit = RateLimit(per_second=10, burst=40)  # leases of up to 10, valid 1 s
+    state = RateState()
+    assert refill_size(state, limit, T0, 1) == 1 and refill_size(state, limit, T0, 0) == 1
+    assert refill_size(state, limit, T0, 1000) == lease_cap(limit)
+    half = decide(state, limit, T0, take=20).state
+    assert refill_size(half, limit, T0, 4) == 4  # 20 of 40 left: still half the burst
+    under = decide(half, limit, T0).state
+    assert refill_size(under, limit, T0, 4) == 0  # 19 left: no refill, every request decided exactly
+    assert refill_size(under, limit, T0 + S // 10, 4) == 4  # a token later, half the burst again
+    assert refill_size(RateState(), RateLimit(per_second=10, burst=40, tokens_per_minute=10**6), T0, 4) == 0
+    assert refill_size(RateState(), RateLimit(per_second=1, burst=7), T0, 4) == 0  # no lease at all
+    # One token after a request's own one-token decision; then the account's use on this replica decides.
+    own = Lease.taken(limit, 1, T0)
+    assert own.left == 0 and own.wanted_ahead(limit, T0) == 1
+    ahead = Lease.taken_ahead(limit, 4, T0)
+    assert ahead.left == 4
+    ahead.left = 0
+    assert ahead.wanted_ahead(limit, T0 + S // 4) == 8  # 4 used in a quarter of V: at most twice as many
+    assert ahead.wanted_ahead(limit, T0 + S // 2) == 8  # 4 in half of V: 8 per V
+    assert ahead.wanted_ahead(limit, T0 + S) == 4  # 4 in V: as many again
+    assert ahead.wanted_ahead(limit, T0 + 3 * S // 4) == 5  # rounded down: never below what it used
+    assert ahead.wanted_ahead(RateLimit(per_second=5, burst=40), T0 + S) == 1  # a new limit starts from 1
+    bigger = Lease.taken(limit, 4, T0)
+    bigger.left = 0
+    assert bigger.wanted_ahead(limit, T0 + S // 2) == 8  # a request's lease used up within its validity: doubled
+
+
+def test_a_refills_tokens_expire_unused_after_its_validity() -> None:
+    limit = RateLimit(per_second=10, burst=40)
+    # A rare account (one request every 2 s, rarer than V = 1 s): each refill of one token expires unused.
+    trace = Trace()
+    arrivals = [(T0 + i * 2 * S, 0) for i in range(5)]
+    out = simulate(limit, arrivals, {0}, trace)
+    assert [k for _, _, k in out] == [1] * 5 and [size for _, _, size in trace.refills] == [1] * 5
+    refill = Lease.taken_ahead(limit, 1, T0)
+    assert not refill.use(limit, T0 + S + 1) and refill.left == 1
+    # Within V its next request is admitted from the refill, with no decision of its own.
+    out = simulate(limit, [(T0 + i * S, 0) for i in range(5)], {0})
+    assert [k for _, _, k in out] == [1, 0, 0, 0, 0]
+
+
+def late_refill_arrivals(limit: RateLimit, base_us: int) -> list[tuple[int, int]]:
+    """`late_use_arrivals` for replicas that refill ahead: replica 0 at a steady 10/s refills up to the
+    cap; that refill's tokens are then all used at its last valid moment, when replica 1 takes all the
+    bucket has refilled."""
+    warm = [(base_us + i * 100_000, 0) for i in range(40)]
+    trace = Trace()
+    simulate(limit, warm, {0}, trace)
+    ta = next(t for t, _, size in trace.refills if size == lease_cap(limit))
+    until = ta + lease_validity_us(limit)
+    return [a for a in warm if a[0] <= ta] + [(until, 0)] * lease_cap(limit) + [(until, 1)] * 50
+
+
+def test_a_late_used_refill_stays_within_the_bound() -> None:
+    limit = RateLimit(per_second=10, burst=40)
+    arrivals = late_refill_arrivals(limit, T0)
+    until = arrivals[-1][0]
+    trace = Trace()
+    out = simulate(limit, arrivals, {0, 1}, trace)
+    assert sum(1 for t, r, k in out if t == until and r == 0 and k == 0) == lease_cap(limit)
+    assert worst_excess(limit, [t for t, _, _ in out]) <= lease_cap(limit)
+    assert worst_excess(limit, [t for t, _, _ in out], trace.held) <= 0
+    out = simulate(limit, [(t + 1, r) if t == until else (t, r) for t, r in arrivals], {0, 1})
+    assert sum(1 for t, r, k in out if t == until + 1 and r == 0 and k == 0) < lease_cap(limit)  # expired

@@ -112,6 +112,13 @@ class Dispatcher:
         """Requests in flight and recent outcomes (forwarded, or refused), served by its health endpoint."""
 
     async def serve(self, stop: asyncio.Event) -> None:
+        try:
+            await self._serve(stop)
+        finally:
+            if self.rates is not None:
+                await self.rates.close()  # no refill of a rate lease outlives the dispatcher
+
+    async def _serve(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tg:
             if self.accounts is not None:
                 tg.create_task(self.accounts.run(stop))

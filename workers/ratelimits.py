@@ -21,19 +21,35 @@ Leases (router/ratelimit.py): when an account's bucket has at least half its bur
 account kept this replica busy, its compare-and-set takes up to burst / 4 tokens at once; the next
 requests of that account on this replica are admitted from them with no round trip until they run out
 or expire (`lease_validity_us`). The lease's size follows the account's recent rate on this replica
-(from 1, doubling while a lease is used up within its validity). Requests that may wait (`queue_ms`),
-pool limits and limits with `tokens_per_minute` are always decided one at a time on the shared state.
-A refusal is only ever given by the shared state, so its retry hint is as before. A replica that dies
-loses the unused tokens of its leases (erring on refusing).
+(from 1, doubling while a lease is used up within its validity).
+
+A replica takes an account's next lease ahead of need: right after a request left its lease of the
+account without a token (the last one used, or a request admitted by its own one-token decision), a
+background task takes the next one in the account's turn, so the account's next request here finds a
+token waiting instead of awaiting a compare-and-set. At most one such refill is in flight per account
+(requests that come meanwhile wait for it, then use its tokens), only for accounts in the lease LRU,
+and only while at least half the burst is available (`ratelimit.refill_size`): near its limit an
+account is decided one request at a time, exactly, as before. Its size follows the account's use here
+(`Lease.wanted_ahead`): one token after a request's own decision, so an account that sends rarer than
+its lease validity pays one background compare-and-set and one token per request for having its next
+request within the validity admitted at once. A refill that fails is dropped; it never fails a
+request. `close()` cancels the refills in flight.
+
+Requests that may wait (`queue_ms`), pool limits and limits with `tokens_per_minute` are always
+decided one at a time on the shared state, and trigger no refill. A refusal is only ever given by the
+shared state, so its retry hint is as before. A replica that stops or dies loses the unused tokens of
+its leases, a whole lease taken ahead included (erring on refusing).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import heapq
 import math
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import msgspec
@@ -64,6 +80,8 @@ EARLY_US = 2_000
 """A held request delivered this close before its booked moment is served (a nak's delay is not
 exact to the millisecond)."""
 _CAS_TRIES = 50
+_REFILL_TRIES = 3
+"""Compare-and-sets a refill ahead of need tries before it is dropped (nobody waits on it for long)."""
 _WRONG_LAST = (10071, 10164)  # the server's "wrong last sequence" error codes
 
 
@@ -178,6 +196,13 @@ class RateLimiter:
         """Requests admitted from a lease, with no round trip."""
         self.leased = 0
         """Compare-and-sets that took more than one token."""
+        self._refills: dict[str, asyncio.Task[None]] = {}
+        """The refill ahead of need in flight per account (at most one, for accounts in `_leases`)."""
+        self._closed = False
+        self.ahead = 0
+        """Leases taken ahead of need (refills)."""
+        self.from_ahead = 0
+        """Requests admitted from a lease taken ahead of need (also counted in `local`)."""
 
     @classmethod
     async def open(cls, js: JetStreamContext) -> RateLimiter:
@@ -249,12 +274,31 @@ class RateLimiter:
         one, else taking a lease when the bucket has room (see the module doc). Raises RuntimeError when
         _CAS_TRIES compare-and-sets in a row lose to other replicas."""
         key = f"a.{account}"
-        if lease and wait_us <= 0 and ratelimit.lease_cap(limit) > 1:
-            local = self._from_lease(key, limit, now)
-            if local is not None:
-                return local
-            return await self._in_turn(key, limit, now, tokens, wait_us, True)
-        return await self._in_turn(key, limit, now, tokens, wait_us)
+        if not (lease and wait_us <= 0 and ratelimit.lease_cap(limit) > 1):
+            return await self._in_turn(key, limit, now, tokens, wait_us)
+        decision = self._from_lease(key, limit, now)
+        if decision is None:
+            refill = self._refills.get(key)
+            if refill is not None and not refill.done():
+                await asyncio.wait([refill])  # not cancelled with this request: the account's next ones use it
+            decision = await self._in_turn(key, limit, now, tokens, wait_us, True)
+        if decision.admitted:
+            self._ahead_of_need(key, limit, decision.at_us)
+        return decision
+
+    async def close(self) -> None:
+        """Cancel the refills ahead of need in flight and take no more (a dispatcher that stops)."""
+        self._closed = True
+        refills = list(self._refills.values())
+        for task in refills:
+            task.cancel()
+        await asyncio.gather(*refills, return_exceptions=True)
+        self._refills.clear()
+
+    async def quiet(self) -> None:
+        """Until no refill ahead of need is in flight (for counting the state's writes)."""
+        while refills := [t for t in self._refills.values() if not t.done()]:
+            await asyncio.wait(refills)
 
     async def decide_pool(
         self, pool: str, limit: RateLimit, *, tokens: int = 0, wait_us: int = 0
@@ -271,28 +315,81 @@ class RateLimiter:
         if held is None or not held.use(limit, now):
             return None
         self.local += 1
+        self.from_ahead += held.ahead
         cached = self._cache.get(key)
         return ratelimit.Decision(True, now, cached[0] if cached is not None else RateState())
 
     async def _in_turn(
         self, key: str, limit: RateLimit, now: int, tokens: int, wait_us: int, lease: bool = False
     ) -> ratelimit.Decision:
+        async with self._turn(key):
+            if lease:
+                # Another request or a refill of this replica may have taken a lease while this one waited its turn.
+                local = self._from_lease(key, limit, now)
+                if local is not None:
+                    return local
+            return await self._decide(key, limit, max(now, now_us()), tokens, wait_us, lease)
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, key: str) -> AsyncIterator[None]:
+        """The account's turn in this replica: one decision or refill at a time (see `_turns`)."""
         lock, waiting = self._turns.get(key) or (asyncio.Lock(), 0)
         self._turns[key] = (lock, waiting + 1)
         try:
             async with lock:
-                if lease:
-                    # Another request of this replica may have taken a lease while this one waited its turn.
-                    local = self._from_lease(key, limit, now)
-                    if local is not None:
-                        return local
-                return await self._decide(key, limit, max(now, now_us()), tokens, wait_us, lease)
+                yield
         finally:
             lock, waiting = self._turns[key]
             if waiting > 1:
                 self._turns[key] = (lock, waiting - 1)
             else:
                 del self._turns[key]
+
+    def _ahead_of_need(self, key: str, limit: RateLimit, now: int) -> None:
+        """Start the refill of `key`'s lease when a request left it without a token (see the module doc)."""
+        held = self._leases.get(key)
+        if held is None or held.left > 0 or self._closed:
+            return
+        running = self._refills.get(key)
+        if running is not None and not running.done():
+            return
+        task = asyncio.get_running_loop().create_task(self._refill(key, limit, now))
+        self._refills[key] = task
+        task.add_done_callback(lambda done: self._refills.pop(key) if self._refills.get(key) is done else None)
+
+    async def _refill(self, key: str, limit: RateLimit, now: int) -> None:
+        """Take `key`'s next lease in its turn; a failure is dropped (the next request decides as before)."""
+        try:
+            async with self._turn(key):
+                await self._take_ahead(key, limit, now)
+        except Exception as exc:  # NATS errors, a timeout: never a request's failure
+            log.debug("rate_refill_dropped", key=key, error=repr(exc))
+
+    async def _take_ahead(self, key: str, limit: RateLimit, now: int) -> None:
+        held = self._leases.get(key)
+        now = max(now, now_us())
+        if held is not None and held.usable(limit, now):
+            return  # a request took a lease with tokens left while this refill waited its turn
+        wanted = held.wanted_ahead(limit, now) if held is not None else 1
+        cached = self._cache.get(key)
+        state, rev = cached if cached is not None else await self._read(key)
+        now = max(now, now_us())
+        for _ in range(_REFILL_TRIES):
+            size = ratelimit.refill_size(state, limit, now, wanted)
+            if size == 0:
+                return
+            decision = ratelimit.decide(state, limit, now, take=size)
+            if not decision.admitted:
+                return
+            seq = await self._store(key, decision.state, rev, now)
+            if seq is not None:
+                self._remember(key, decision.state, seq)
+                self._lease(key, Lease.taken_ahead(limit, size, decision.at_us))
+                self.ahead += 1
+                return
+            state, rev = await self._read(key)
+            now = max(now, now_us())
+        log.debug("rate_refill_dropped", key=key, error=f"{_REFILL_TRIES} compare-and-sets lost to other replicas")
 
     async def _decide(
         self, key: str, limit: RateLimit, now: int, tokens: int, wait_us: int, lease: bool = False
@@ -314,17 +411,9 @@ class RateLimiter:
                     self._remember(key, state, rev)
                     return decision
             else:
-                ttl_s = max(1, -(-(decision.state.idle_after_us() - now) // 1_000_000) + 1)
-                headers = {"Nats-Expected-Last-Subject-Sequence": str(rev)}
-                try:
-                    ack = await self.js.publish(self._subject + key, msgspec.json.encode(decision.state),
-                                                headers=headers, msg_ttl=ttl_s)
-                except APIError as exc:
-                    if exc.err_code not in _WRONG_LAST:
-                        raise
-                    self.conflicts += 1
-                else:
-                    self._remember(key, decision.state, ack.seq)
+                seq = await self._store(key, decision.state, rev, now)
+                if seq is not None:
+                    self._remember(key, decision.state, seq)
                     if lease:
                         self._lease(key, Lease.taken(limit, take, decision.at_us))
                     return decision
@@ -332,6 +421,20 @@ class RateLimiter:
             fresh = True
             now = max(now, now_us())  # never back: a caller may decide on a clock ahead of this one
         raise RuntimeError(f"the rate state {key!r} kept changing under {_CAS_TRIES} tries")
+
+    async def _store(self, key: str, state: RateState, rev: int, now: int) -> int | None:
+        """Write `state` if `key` is still at revision `rev`: its new revision, None when another replica
+        wrote first. Its TTL ends when the state has drained back to a full bucket."""
+        ttl_s = max(1, -(-(state.idle_after_us() - now) // 1_000_000) + 1)
+        headers = {"Nats-Expected-Last-Subject-Sequence": str(rev)}
+        try:
+            ack = await self.js.publish(self._subject + key, msgspec.json.encode(state), headers=headers, msg_ttl=ttl_s)
+        except APIError as exc:
+            if exc.err_code not in _WRONG_LAST:
+                raise
+            self.conflicts += 1
+            return None
+        return ack.seq
 
     async def _read(self, key: str) -> tuple[RateState, int]:
         try:

@@ -1,0 +1,95 @@
+"""Rate leases taken ahead of need (workers/ratelimits.py) on a real nats-server: what they spare a request,
+when they stop, that their tokens expire, and that none outlives the limiter's close()."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import msgspec
+import pytest
+from nats.aio.client import Client as NATS
+
+from router.config import RateLimit
+from router.ratelimit import RateState, available, lease_validity_us
+from workers.ratelimits import BUCKET, RateLimiter, now_us
+
+LIMIT = RateLimit(per_second=10, burst=40)  # leases of up to 10 tokens, valid V = 1 s
+V = lease_validity_us(LIMIT)
+
+
+@pytest.fixture
+async def limiter(nc: NATS) -> AsyncIterator[RateLimiter]:
+    rates = await RateLimiter.open(nc.jetstream())
+    yield rates
+    await rates.close()
+
+
+async def _writes(nc: NATS) -> int:
+    """Writes to the rate state so far (the KV stream's last sequence): one per compare-and-set that won."""
+    return int((await nc.jetstream().stream_info(f"KV_{BUCKET}")).state.last_seq)
+
+
+def _refills() -> list[asyncio.Task[object]]:
+    return [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__name__", "") == "_refill" and not t.done()]
+
+
+async def test_a_rare_accounts_next_request_within_v_makes_no_compare_and_set(nc: NATS, limiter: RateLimiter) -> None:
+    t = now_us() + 60_000_000  # a clock of our own, ahead of the real one: the schedule decides, not the machine
+    first = await limiter.decide("rare", LIMIT, t)
+    await limiter.quiet()
+    assert first.admitted and limiter.ahead == 1  # its own decision, then one token taken ahead
+    before = await _writes(nc)
+    second = await limiter.decide("rare", LIMIT, t + V // 2)  # half a validity later
+    assert second.admitted and limiter.local == 1 and limiter.from_ahead == 1
+    await limiter.quiet()
+    # The one write since is the next refill, which the request that used the last token started in the
+    # background: the request itself wrote nothing.
+    assert limiter.ahead == 2 and await _writes(nc) - before == 1
+
+
+async def test_a_refills_tokens_expire_unused_after_v(nc: NATS, limiter: RateLimiter) -> None:
+    t = now_us() + 60_000_000
+    assert (await limiter.decide("late", LIMIT, t)).admitted
+    await limiter.quiet()
+    assert limiter.ahead == 1
+    before = await _writes(nc)
+    late = await limiter.decide("late", LIMIT, t + V + 1)  # one microsecond past the refill's validity
+    assert late.admitted and limiter.local == 0 and limiter.from_ahead == 0
+    assert await _writes(nc) - before >= 1  # decided on the shared state: the refill's token was lost
+
+
+async def test_refills_stop_below_half_the_burst_and_no_token_is_lost(nc: NATS, limiter: RateLimiter) -> None:
+    t = now_us() + 60_000_000
+    kv = await nc.jetstream().key_value(BUCKET)
+    admitted, below_half_from = 0, None
+    for i in range(LIMIT.burst + 5):  # all at one instant: nothing refills the bucket meanwhile
+        ahead = limiter.ahead
+        if (await limiter.decide("busy", LIMIT, t)).admitted:
+            admitted += 1
+        await limiter.quiet()
+        if below_half_from is not None:
+            assert limiter.ahead == ahead, i  # below half the burst: no refill, every request decided exactly
+        state = msgspec.json.decode((await kv.get("a.busy")).value or b"", type=RateState)
+        if below_half_from is None and 2 * available(state, LIMIT, t) < LIMIT.burst:
+            below_half_from = i
+    assert below_half_from is not None and limiter.ahead > 1 and limiter.from_ahead > 0
+    # Every token leased ahead went to one of this replica's next requests: exactly the burst was admitted.
+    assert admitted == LIMIT.burst
+
+
+async def test_no_refill_outlives_close(nc: NATS) -> None:
+    limiter = await RateLimiter.open(nc.jetstream())
+    t = now_us() + 60_000_000
+    assert (await limiter.decide("closing", LIMIT, t)).admitted
+    assert len(_refills()) == 1  # started, not awaited by anyone
+    await asyncio.sleep(0)  # let it begin its compare-and-set
+    await limiter.close()
+    assert _refills() == [] and limiter.ahead == 0  # cancelled in flight (its write may still land: tokens lost)
+    # A closed limiter still decides, and takes nothing ahead: the state holds the request's one token only.
+    assert (await limiter.decide("closed", LIMIT, t)).admitted
+    assert _refills() == []
+    await asyncio.sleep(0.2)
+    kv = await nc.jetstream().key_value(BUCKET)
+    state = msgspec.json.decode((await kv.get("a.closed")).value or b"", type=RateState)
+    assert state.requests_us == t + 1_000_000 // 10 and limiter.ahead == 0
