@@ -165,12 +165,15 @@ class Lease(msgspec.Struct, kw_only=True):
     until_us: int
     ahead: bool = False
     """Taken ahead of need, by no request: all `size` tokens were left for the account's next requests."""
+    prior_us: int = 0
+    """When the replica took the account's lease before this one (0: none it remembers)."""
 
     @classmethod
-    def taken(cls, limit: RateLimit, size: int, now_us: int) -> Lease:
-        """The lease of `size` tokens debited at `now_us`, the first of them used by the request that took it."""
+    def taken(cls, limit: RateLimit, size: int, now_us: int, prior_us: int = 0) -> Lease:
+        """The lease of `size` tokens debited at `now_us`, the first of them used by the request that took
+        it; `prior_us` is when the replica's previous lease of the account was taken."""
         return cls(limit=limit, size=size, left=size - 1, taken_us=now_us,
-                   until_us=now_us + lease_validity_us(limit))
+                   until_us=now_us + lease_validity_us(limit), prior_us=prior_us)
 
     @classmethod
     def taken_ahead(cls, limit: RateLimit, size: int, now_us: int) -> Lease:
@@ -203,30 +206,31 @@ class Lease(msgspec.Struct, kw_only=True):
         return max(1, used * validity // max(1, now_us - self.taken_us))
 
     def wanted_ahead(self, limit: RateLimit, now_us: int) -> int:
-        """The size to take ahead of need once this lease has no token left. After a lease taken ahead,
-        all of whose uses came after its debit: the account's rate on this replica over the lease,
-        scaled to one validity (at most twice its size; never less than its size when it was used up
-        within `V`), so a steady account's leases settle at what it uses within `V` instead of doubling
-        past it. After a request's own one-token decision: 1 (the
-        account's rate here is not known yet, and one token is what makes its next request within `V`
-        free). Else `wanted_next`."""
+        """The size to take ahead of need once this lease has no token left: the account's rate on this
+        replica over the lease (its uses after the debit, per time since), scaled to one validity: at
+        most twice its size, and never less than the uses when they all came within `V`, so a steady
+        account's leases settle at what it uses within `V` instead of doubling past it. After a request's
+        own one-token decision (no use after the debit to go by): 1, which makes the account's next
+        request within `V` free, unless the replica's previous lease of the account was taken more than
+        `V` before it: an account that sends rarer than that would leave the token unused, so 0 (none).
+        A new limit starts again from 1."""
         if self.limit != limit:
             return 1
-        if not self.ahead:
-            return 1 if self.size == 1 else self.wanted_next(limit, now_us)
-        used = self.size - self.left
         validity = self.until_us - self.taken_us
-        return max(1, min(2 * self.size, used * validity // max(1, now_us - self.taken_us)))
+        if not self.ahead and self.size == 1:
+            return 1 if self.prior_us == 0 or self.taken_us - self.prior_us <= validity else 0
+        after = self.size - self.left - (0 if self.ahead else 1)
+        return max(1, min(2 * self.size, after * validity // max(1, now_us - self.taken_us)))
 
 
 def refill_size(state: RateState, limit: RateLimit, now_us: int, wanted: int) -> int:
-    """How many request tokens to take ahead of need: `wanted` (at least 1) up to `lease_cap`, or 0 (none)
-    when the limit allows no lease or less than half the burst is available, so that an account near
-    its limit is decided one request at a time, exactly, with no token leased that it may not use."""
+    """How many request tokens to take ahead of need: `wanted` up to `lease_cap`, or 0 (none) when nothing
+    is wanted, the limit allows no lease or less than half the burst is available, so that an account
+    near its limit is decided one request at a time, exactly, with no token leased that it may not use."""
     cap = lease_cap(limit)
-    if cap <= 1 or 2 * available(state, limit, now_us) < limit.burst:
+    if wanted < 1 or cap <= 1 or 2 * available(state, limit, now_us) < limit.burst:
         return 0
-    return min(max(1, wanted), cap)
+    return min(wanted, cap)
 
 
 def decide_leasing(

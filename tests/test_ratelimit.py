@@ -174,7 +174,7 @@ def simulate(
             if not d.admitted:
                 continue
             state = d.state
-            last = leases[replica] = Lease.taken(limit, take, t)
+            last = leases[replica] = Lease.taken(limit, take, t, last.taken_us if last is not None else 0)
             out.append((t, replica, take))
         if replica in ahead and last.left == 0:
             size = refill_size(state, limit, t, last.wanted_ahead(limit, t))
@@ -324,7 +324,7 @@ def test_three_replicas_leasing_stay_within_the_stated_bound() -> None:
 def test_a_refill_takes_what_the_accounts_use_asks_for_while_half_the_burst_is_there() -> None:
     limit = RateLimit(per_second=10, burst=40)  # leases of up to 10, valid 1 s
     state = RateState()
-    assert refill_size(state, limit, T0, 1) == 1 and refill_size(state, limit, T0, 0) == 1
+    assert refill_size(state, limit, T0, 1) == 1 and refill_size(state, limit, T0, 0) == 0
     assert refill_size(state, limit, T0, 1000) == lease_cap(limit)
     half = decide(state, limit, T0, take=20).state
     assert refill_size(half, limit, T0, 4) == 4  # 20 of 40 left: still half the burst
@@ -333,9 +333,12 @@ def test_a_refill_takes_what_the_accounts_use_asks_for_while_half_the_burst_is_t
     assert refill_size(under, limit, T0 + S // 10, 4) == 4  # a token later, half the burst again
     assert refill_size(RateState(), RateLimit(per_second=10, burst=40, tokens_per_minute=10**6), T0, 4) == 0
     assert refill_size(RateState(), RateLimit(per_second=1, burst=7), T0, 4) == 0  # no lease at all
-    # One token after a request's own one-token decision; then the account's use on this replica decides.
+    # One token after a request's own one-token decision, unless the account's previous lease here was
+    # taken more than V before (it sends rarer than that); then the account's use on this replica decides.
     own = Lease.taken(limit, 1, T0)
     assert own.left == 0 and own.wanted_ahead(limit, T0) == 1
+    assert Lease.taken(limit, 1, T0, prior_us=T0 - S).wanted_ahead(limit, T0) == 1
+    assert Lease.taken(limit, 1, T0, prior_us=T0 - S - 1).wanted_ahead(limit, T0) == 0
     ahead = Lease.taken_ahead(limit, 4, T0)
     assert ahead.left == 4
     ahead.left = 0
@@ -346,16 +349,18 @@ def test_a_refill_takes_what_the_accounts_use_asks_for_while_half_the_burst_is_t
     assert ahead.wanted_ahead(RateLimit(per_second=5, burst=40), T0 + S) == 1  # a new limit starts from 1
     bigger = Lease.taken(limit, 4, T0)
     bigger.left = 0
-    assert bigger.wanted_ahead(limit, T0 + S // 2) == 8  # a request's lease used up within its validity: doubled
+    assert bigger.wanted_ahead(limit, T0 + S // 2) == 6  # a request's lease: its 3 uses after the debit in V / 2
+    assert bigger.wanted_ahead(limit, T0 + S // 10) == 8  # at most twice its size
 
 
 def test_a_refills_tokens_expire_unused_after_its_validity() -> None:
     limit = RateLimit(per_second=10, burst=40)
-    # A rare account (one request every 2 s, rarer than V = 1 s): each refill of one token expires unused.
+    # A rare account (one request every 2 s, rarer than V = 1 s): the refill of one token after its first
+    # request expires unused, and then the replica, seeing it rarer than V, takes none ahead.
     trace = Trace()
     arrivals = [(T0 + i * 2 * S, 0) for i in range(5)]
     out = simulate(limit, arrivals, {0}, trace)
-    assert [k for _, _, k in out] == [1] * 5 and [size for _, _, size in trace.refills] == [1] * 5
+    assert [k for _, _, k in out] == [1] * 5 and trace.refills == [(T0, 0, 1)]
     refill = Lease.taken_ahead(limit, 1, T0)
     assert not refill.use(limit, T0 + S + 1) and refill.left == 1
     # Within V its next request is admitted from the refill, with no decision of its own.

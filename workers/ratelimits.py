@@ -30,10 +30,11 @@ token waiting instead of awaiting a compare-and-set. At most one such refill is 
 (requests that come meanwhile wait for it, then use its tokens), only for accounts in the lease LRU,
 and only while at least half the burst is available (`ratelimit.refill_size`): near its limit an
 account is decided one request at a time, exactly, as before. Its size follows the account's use here
-(`Lease.wanted_ahead`): one token after a request's own decision, so an account that sends rarer than
-its lease validity pays one background compare-and-set and one token per request for having its next
-request within the validity admitted at once. A refill that fails is dropped; it never fails a
-request. `close()` cancels the refills in flight.
+(`Lease.wanted_ahead`): one token after a request's own decision, which makes the account's next
+request within the lease validity free, but none when the replica's previous lease of the account was
+taken more than a validity before (an account that sends rarer than that would only lose the token
+and cost a compare-and-set per request). A refill that fails is dropped; it never fails a request.
+`close()` cancels the refills in flight.
 
 Requests that may wait (`queue_ms`), pool limits and limits with `tokens_per_minute` are always
 decided one at a time on the shared state, and trigger no refill. A refusal is only ever given by the
@@ -415,7 +416,8 @@ class RateLimiter:
                 if seq is not None:
                     self._remember(key, decision.state, seq)
                     if lease:
-                        self._lease(key, Lease.taken(limit, take, decision.at_us))
+                        prior = self._leases.get(key)
+                        self._lease(key, Lease.taken(limit, take, decision.at_us, prior.taken_us if prior else 0))
                     return decision
             state, rev = await self._read(key)
             fresh = True
