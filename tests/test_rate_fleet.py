@@ -20,7 +20,7 @@ from router import config as config_mod
 from router.config import Config, RateLimit
 from router.providers.fakes import FakeOpenAI
 from schemas import Done, Error, InvalidMessage, Reply, decode_reply, decode_request
-from workers.ratelimits import CACHE_SIZE, RateLimiter, now_us
+from workers.ratelimits import CACHE_SIZE, REFILL_DELAY_S, RateLimiter, now_us
 from workers.runtime import ensure_topology
 
 from .conftest import fleet_config, running_fleet
@@ -278,7 +278,10 @@ async def test_a_steady_account_under_its_limit_is_mostly_admitted_from_leases(n
         # replicas, 20/s each), not the machine's speed, decides the leases.
         start = now_us() + 60 * 1_000_000
         before = await _kv_writes(conns[0])
-        decisions = [await replicas[i % 3].decide("steady", limit, start + i * 1_000_000 // 60) for i in range(300)]
+        decisions = []
+        for i in range(300):  # a little apart in real time too: a refill starts REFILL_DELAY_S after its request
+            decisions.append(await replicas[i % 3].decide("steady", limit, start + i * 1_000_000 // 60))
+            await asyncio.sleep(2 * REFILL_DELAY_S)
         for r in replicas:
             await r.quiet()
         writes = await _kv_writes(conns[0]) - before

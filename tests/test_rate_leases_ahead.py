@@ -12,7 +12,7 @@ from nats.aio.client import Client as NATS
 
 from router.config import RateLimit
 from router.ratelimit import RateState, available, lease_validity_us
-from workers.ratelimits import BUCKET, RateLimiter, now_us
+from workers.ratelimits import BUCKET, REFILL_DELAY_S, RateLimiter, now_us
 
 LIMIT = RateLimit(per_second=10, burst=40)  # leases of up to 10 tokens, valid V = 1 s
 V = lease_validity_us(LIMIT)
@@ -85,10 +85,19 @@ async def test_no_refill_outlives_close(nc: NATS) -> None:
     limiter = await RateLimiter.open(nc.jetstream())
     t = now_us() + 60_000_000
     assert (await limiter.decide("closing", LIMIT, t)).admitted
-    assert len(_refills()) == 1  # started, not awaited by anyone
-    await asyncio.sleep(0)  # let it begin its compare-and-set
+    assert _refills() == []  # due REFILL_DELAY_S after the request, which is handed over first
+    for _ in range(1000):  # until it starts: then cancelled in flight
+        if _refills():
+            break
+        await asyncio.sleep(REFILL_DELAY_S / 10)
+    assert len(_refills()) == 1
     await limiter.close()
     assert _refills() == [] and limiter.ahead == 0  # cancelled in flight (its write may still land: tokens lost)
+    other = await RateLimiter.open(nc.jetstream())
+    assert (await other.decide("due", LIMIT, t)).admitted
+    await other.close()  # before its refill was due: it never starts
+    await asyncio.sleep(5 * REFILL_DELAY_S)
+    assert _refills() == [] and other.ahead == 0
     # A closed limiter still decides, and takes nothing ahead: the state holds the request's one token only.
     assert (await limiter.decide("closed", LIMIT, t)).admitted
     assert _refills() == []
