@@ -17,6 +17,10 @@ of decisions made from a lease, and the share made from a lease taken ahead of n
 
     .venv/bin/python bench/bench_rate_leases.py [--accounts 100,10] [--seconds 5] [--rounds 2]
         [--modes off,rate,"rate without leases",both,"both without leases"] [--rate 1e6,1e6]
+        [--paced-only] [--warmup 2]
+
+Before the paced phase is measured, `--warmup` seconds of the same paced load go unmeasured, so that every
+account has been seen and its leases follow the paced rate rather than the saturation before it.
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ def _config(per_second: float, burst: int) -> config_mod.Config:
     })
 
 
-async def _cell(url: str, mode: str, accounts: int, seconds: float, per_second: float, burst: int) -> str:
+async def _cell(url: str, mode: str, accounts: int, seconds: float, per_second: float, burst: int,
+                saturate: bool, warmup: float) -> str:
     tag = uuid.uuid4().hex[:6]  # fresh accounts per cell: no state or lease left from another cell
 
     def account(i: int) -> str:
@@ -79,10 +84,14 @@ async def _cell(url: str, mode: str, accounts: int, seconds: float, per_second: 
                 return (f"{(await writes() - w0) / n:.2f} writes/req, {(rates.local - mark[0]) / n:.0%} from a lease"
                         f" ({(rates.from_ahead - mark[1]) / n:.0%} taken ahead)")
 
-            w0, mark = await writes(), marks()
-            count, rps, lat = await hop.saturation(seconds, account)
-            p50, _ = pct(lat)
-            sat = f"{rps:,.0f} req/s, p50 {p50:.2f} ms; {await counted(count, w0, mark)}"
+            sat = "—"
+            if saturate:
+                w0, mark = await writes(), marks()
+                count, rps, lat = await hop.saturation(seconds, account)
+                p50, _ = pct(lat)
+                sat = f"{rps:,.0f} req/s, p50 {p50:.2f} ms; {await counted(count, w0, mark)}"
+            if warmup > 0:  # unmeasured: every account seen once, leases sized to the paced rate
+                await hop.paced(warmup, account)
             w0, mark = await writes(), marks()
             n, lat = await hop.paced(seconds, account)
             p50, p99 = pct(lat)
@@ -93,7 +102,7 @@ async def _cell(url: str, mode: str, accounts: int, seconds: float, per_second: 
 
 
 async def main(accounts: list[int], seconds: float, rounds: int, modes: list[str], per_second: float,
-               burst: int) -> None:
+               burst: int, saturate: bool, warmup: float) -> None:
     url, proc = start_nats()
     try:
         print("| dispatcher limits | accounts | saturation (64 in flight) | 100 req/s open loop |")
@@ -101,7 +110,7 @@ async def main(accounts: list[int], seconds: float, rounds: int, modes: list[str
         for rnd in range(rounds):  # interleaved, so a burst of load from elsewhere does not hit one mode only
             for n in accounts:
                 for mode in modes:
-                    row = await _cell(url, mode, n, seconds, per_second, burst)
+                    row = await _cell(url, mode, n, seconds, per_second, burst, saturate, warmup)
                     print(row.replace(f"| {mode} |", f"| {mode} (round {rnd + 1}) |", 1), flush=True)
     finally:
         proc.terminate()
@@ -117,6 +126,10 @@ if __name__ == "__main__":
     p.add_argument("--rounds", type=int, default=2, help="rounds (default 2)")
     p.add_argument("--modes", default=",".join(MODES), help="modes, comma-separated (default: all)")
     p.add_argument("--rate", default="1e6,1e6", help="every account's per_second,burst (default 1e6,1e6)")
+    p.add_argument("--paced-only", action="store_true",
+                   help="skip the saturation phase (for a limit that would refuse it, e.g. the default 10,50)")
+    p.add_argument("--warmup", type=float, default=2.0,
+                   help="unmeasured seconds of the paced load before it is measured (default 2)")
     a = p.parse_args()
     a_modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     try:
@@ -128,4 +141,4 @@ if __name__ == "__main__":
     if not a_modes or any(m not in MODES for m in a_modes) or not nums or min(nums) < 1:
         p.error(f"--modes: choose among {', '.join(MODES)}; --accounts: positive integers")
     configure_logging("error")
-    uvloop.run(main(nums, a.seconds, a.rounds, a_modes, rate_ps, rate_burst))
+    uvloop.run(main(nums, a.seconds, a.rounds, a_modes, rate_ps, rate_burst, not a.paced_only, a.warmup))
