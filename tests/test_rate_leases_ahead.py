@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 
 import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 
-from router.config import RateLimit
+from router.config import UNLIMITED, Limits, LimitsConfig, RateLimit
 from router.ratelimit import RateState, available, lease_validity_us
+from schemas import Request
 from workers.ratelimits import BUCKET, REFILL_DELAY_S, RateLimiter, now_us
 
 LIMIT = RateLimit(per_second=10, burst=40)  # leases of up to 10 tokens, valid V = 1 s
@@ -105,3 +107,32 @@ async def test_no_refill_outlives_close(nc: NATS) -> None:
     kv = await nc.jetstream().key_value(BUCKET)
     state = msgspec.json.decode((await kv.get("a.closed")).value or b"", type=RateState)
     assert state.requests_us == t + 1_000_000 // 10 and limiter.ahead == 0
+
+
+def _request(account: str, **fields: object) -> Request:
+    return msgspec.convert({"id": f"r-{account}", "account": account, "use_case": "draft", "reply_to": "_INBOX.x",
+                            "messages": [{"role": "user", "content": "hi"}], **fields}, Request)
+
+
+async def test_admitted_now_spends_a_leased_token_and_otherwise_leaves_the_request_to_admit(
+    nc: NATS, limiter: RateLimiter
+) -> None:
+    limits = LimitsConfig(default=Limits(rate=LIMIT))
+    req = _request("now")
+    start = await _writes(nc)
+    assert not limiter.admitted_now(req, limits)  # no lease yet: nothing spent, admit decides it
+    assert limiter.local == 0 and await _writes(nc) == start
+    first_delivery = SimpleNamespace(metadata=SimpleNamespace(num_delivered=1, sequence=SimpleNamespace(stream=1)))
+    assert await limiter.admit(req, first_delivery, 0, limits) is None  # type: ignore[arg-type]
+    await limiter.quiet()  # its refill took the next token ahead
+    before = await _writes(nc)
+    assert limiter.admitted_now(req, limits)
+    assert limiter.local == 1 and limiter.from_ahead == 1
+    await limiter.quiet()
+    assert await _writes(nc) - before == 1  # only the next refill: the request itself wrote nothing
+    # A request that may wait is always decided on the shared state; an account with no limit needs nothing.
+    assert not limiter.admitted_now(_request("now", queue_ms=1000), limits)
+    unlimited = LimitsConfig(default=Limits(rate=RateLimit(per_second=UNLIMITED)))
+    before = await _writes(nc)
+    assert limiter.admitted_now(_request("free"), unlimited) and await _writes(nc) == before
+

@@ -2,7 +2,9 @@
 (workers/budget.py), in one round trip where the two may overlap. (The reservation usually makes none:
 it comes from the dispatcher's slice of the account's budget, and only taking a new slice is awaited.)
 
-- A request without `queue_ms` asks both at once: the rate's compare-and-set and the budget's
+- A request without `queue_ms` whose rate is decided from this dispatcher's lease of its account's
+  tokens (nothing to await, `RateLimiter.admitted_now`) only reserves, with no task for the rate.
+- Otherwise a request without `queue_ms` asks both at once: the rate's compare-and-set and the budget's
   reservation are in flight together, so the hop waits for the slower of the two, not their sum.
   - The rate refuses (RATE_LIMITED): the reservation is released, the request ends.
   - The budget refuses (BUDGET_EXCEEDED): the rate's token stays spent. Giving it back would need a
@@ -62,7 +64,7 @@ async def admit(
     if budgets is None or budget is None:
         held = await rates.admit(req, msg, published_ms, cfg.limits, own) if rates is not None else None
         return Held(held) if held is not None else Admitted()
-    if rates is None:
+    if rates is None or rates.admitted_now(req, cfg.limits, own):  # the rate asked nothing of NATS: no task
         return Admitted(await _reserve(budgets, cfg, req, msg, published_ms, selection, own), budget)
     if req.queue_ms:
         held = await rates.admit(req, msg, published_ms, cfg.limits, own)
