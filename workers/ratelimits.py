@@ -86,8 +86,9 @@ _REFILL_TRIES = 3
 """Compare-and-sets a refill ahead of need tries before it is dropped (nobody waits on it for long)."""
 REFILL_DELAY_S = 0.001
 """How long after the request that emptied a lease its refill starts: the request is handed over first
-(bench/RESULTS.md "Rate leases taken ahead": without it, the refill's round trip added ~0.1 ms to the
-request's hop at 100 req/s). A request that comes meanwhile does not wait for it: it decides as before."""
+(bench/RESULTS.md "Settlements in batches and rate leases taken ahead": started at once, the refill's
+compare-and-set went out beside the request's work item and added to its hop). A request that comes
+meanwhile does not wait for it: it decides as before."""
 _WRONG_LAST = (10071, 10164)  # the server's "wrong last sequence" error codes
 
 
