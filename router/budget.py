@@ -80,8 +80,9 @@ def limits_for(cfg: Config, account: str, tier: str, own: AccountLimits | None =
     return budget_limit(cfg.limits, account, tier, own)
 
 
+@lru_cache(maxsize=1024)
 def cap(limits: BudgetLimits, kind: PeriodKind) -> int | None:
-    """A period's limit in micro-dollars; None when that period has no budget."""
+    """A period's limit in micro-dollars; None when that period has no budget. (Kept: asked per request.)"""
     amount = limits.daily_usd if kind == "day" else limits.monthly_usd
     return None if amount is None else to_micros(amount)
 

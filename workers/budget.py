@@ -84,6 +84,7 @@ import contextlib
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import msgspec
 import structlog
@@ -133,6 +134,13 @@ FLUSH_CONCURRENCY = 256
 
 def subject(prefix: str, account: str, period: str, kind: str) -> str:
     return f"{prefix}.budget.{account}.{period}.{kind}"
+
+
+@lru_cache(maxsize=4096)
+def _used_subjects(prefix: str, account: str, day: str, month: str) -> dict[policy.PeriodKind, str]:
+    """The `used` counters a reservation of `account` in that day and month takes from (kept: asked per
+    request). The caller must not change the dict."""
+    return {"day": subject(prefix, account, day, "used"), "month": subject(prefix, account, month, "used")}
 
 
 class BudgetAlert(msgspec.Struct, kw_only=True):
@@ -258,15 +266,17 @@ class Budgets:
         return await self.js.publish(subj, b"", timeout=timeout, headers=headers)
 
     async def reserve(
-        self, cfg: Config, req: Request, selection: Selection, published_ms: int, own: AccountLimits | None = None
+        self, cfg: Config, req: Request, selection: Selection, published_ms: int, own: AccountLimits | None = None,
+        *, limits: BudgetLimits | None = None,
     ) -> float:
         """Reserve `req`'s worst case in its account's day and month (`own`: the account's row of the account
         table, over the config), from this dispatcher's slices of the two counters, taking a new slice of a
         counter (one increment) only when its own cannot cover it. Returns the reservation in USD (0: its chain
         is free, or its account has no budget: nothing counted). Raises BudgetRefused when a period's limit
         would be passed (nothing stays reserved) or the chain has a target without a price; NATS errors as
-        nats-py raises them (nothing stays reserved)."""
-        limits = policy.limits_for(cfg, req.account, req.tier, own)
+        nats-py raises them (nothing stays reserved). `limits`: the budget `own` and the config give, when the
+        caller has it already."""
+        limits = limits or policy.limits_for(cfg, req.account, req.tier, own)
         if limits is None:
             return 0.0
         try:
@@ -282,7 +292,7 @@ class Budgets:
             return policy.usd(earlier[0])
         self._timezone = cfg.limits.timezone
         per = policy.periods(published_ms, cfg.limits.timezone)
-        used = {k: subject(self.prefix, req.account, per.of(k), "used") for k in _KINDS}
+        used = _used_subjects(self.prefix, req.account, per.day, per.month)
         at = now_ms()
         caps = {k: policy.cap(limits, k) for k in _KINDS}
         short = [k for k in _KINDS if not self.slices.take(used[k], amount, at, caps[k])]

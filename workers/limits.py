@@ -65,15 +65,15 @@ async def admit(
         held = await rates.admit(req, msg, published_ms, cfg.limits, own) if rates is not None else None
         return Held(held) if held is not None else Admitted()
     if rates is None or rates.admitted_now(req, cfg.limits, own):  # the rate asked nothing of NATS: no task
-        return Admitted(await _reserve(budgets, cfg, req, msg, published_ms, selection, own), budget)
+        return Admitted(await _reserve(budgets, cfg, req, msg, published_ms, selection, own, budget), budget)
     if req.queue_ms:
         held = await rates.admit(req, msg, published_ms, cfg.limits, own)
         if held is not None:
             return Held(held)
-        return Admitted(await _reserve(budgets, cfg, req, msg, published_ms, selection, own), budget)
+        return Admitted(await _reserve(budgets, cfg, req, msg, published_ms, selection, own, budget), budget)
     rate, reserved = await asyncio.gather(
         rates.admit(req, msg, published_ms, cfg.limits, own),
-        _reserve(budgets, cfg, req, msg, published_ms, selection, own),
+        _reserve(budgets, cfg, req, msg, published_ms, selection, own, budget),
         return_exceptions=True,
     )
     if isinstance(rate, BaseException):
@@ -89,14 +89,14 @@ async def admit(
 
 async def _reserve(
     budgets: Budgets, cfg: Config, req: Request, msg: Msg, published_ms: int, selection: Selection,
-    own: AccountLimits | None,
+    own: AccountLimits | None, budget: BudgetLimits,
 ) -> float:
     """The reservation (workers/budget.py). A redelivery its budget refuses may have been handed over by its
     earlier delivery (whose dispatcher died, or could not ack): then that delivery's reservation stands and
     this one reserves nothing (0), and its hand-over is found to be a duplicate, rather than the request's
     answer being followed by a refusal."""
     try:
-        return await budgets.reserve(cfg, req, selection, published_ms, own)
+        return await budgets.reserve(cfg, req, selection, published_ms, own, limits=budget)
     except BudgetRefused:
         if msg.metadata.num_delivered > 1 and await budgets.handed_over(req):
             return 0.0
