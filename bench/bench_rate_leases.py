@@ -12,8 +12,10 @@ requests published into LLM_REQ for `--accounts` accounts in turn, timed until t
 "Without leases" sets router.ratelimit.LEASE_SHARE so large that no lease is ever more than one token. The
 rate limit is `--rate per_second,burst` (default 1e6,1e6: everything is admitted; a lease is at most
 burst / 4 tokens, valid burst / 4 / per_second seconds, 0.25 s by default). Besides latency, each cell
-counts the rate state's KV writes per request (those of leases taken ahead of need included), the share
-of decisions made from a lease, and the share made from a lease taken ahead of need.
+counts the CPU of this process per request at saturation (the producer's and the dispatcher's; only the
+dispatcher's differs between modes), the rate state's KV writes per request (those of leases taken
+ahead of need included), the share of decisions made from a lease, and the share made from a lease taken
+ahead of need.
 
     .venv/bin/python bench/bench_rate_leases.py [--accounts 100,10] [--seconds 5] [--rounds 2]
         [--modes off,rate,"rate without leases",both,"both without leases"] [--rate 1e6,1e6]
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+import time
 import uuid
 
 import uvloop
@@ -87,9 +90,11 @@ async def _cell(url: str, mode: str, accounts: int, seconds: float, per_second: 
             sat = "—"
             if saturate:
                 w0, mark = await writes(), marks()
+                cpu0 = time.process_time()
                 count, rps, lat = await hop.saturation(seconds, account)
+                cpu = (time.process_time() - cpu0) / max(1, count) * 1e6
                 p50, _ = pct(lat)
-                sat = f"{rps:,.0f} req/s, p50 {p50:.2f} ms; {await counted(count, w0, mark)}"
+                sat = f"{rps:,.0f} req/s, {cpu:.0f} µs CPU/req, p50 {p50:.2f} ms; {await counted(count, w0, mark)}"
             if warmup > 0:  # unmeasured: every account seen once, leases sized to the paced rate
                 await hop.paced(warmup, account)
             w0, mark = await writes(), marks()
