@@ -245,6 +245,11 @@ class Slices:
         got = self.held.get(key)
         return got is not None and got.take(amount, at_ms, cap)
 
+    def covers(self, key: str, amount: int, cap: int | None) -> bool:
+        """Whether `take` would reserve `amount` from `key`'s slice under `cap` (nothing taken)."""
+        got = self.held.get(key)
+        return got is not None and amount <= got.remaining and got.covers(cap)
+
     def due(self, at_ms: int, idle_ms: int, current: set[str]) -> list[tuple[str, int]]:
         """Remove and return (key, remaining) of each slice idle for `idle_ms` or whose period has ended
         (`current`: the period keys of now, e.g. `{"d20261130", "m202611"}`; a key ends in `.<period>.used`)."""

@@ -181,3 +181,30 @@ async def test_a_lowered_limit_is_checked_against_the_counter_before_a_slice_is_
     assert await _increments(nc, five, "lease-e") == increments
     await budgets.stop()
     assert await _used(nc, five, "lease-e") == 3 * 110_000  # the three requests reserved, nothing else
+
+
+async def test_reserve_here_takes_from_both_slices_or_from_neither(nc: NATS, dispatchers: list[Budgets]) -> None:
+    cfg = _config(FakeOpenAI(), daily_usd=1000.0)  # slices of many reservations
+    budgets = dispatchers[0]
+    published = now_ms()
+    assert budgets.reserve_here(cfg, _req("h1", "here", 100), SELECTION, published) is None  # no slice yet
+    assert budgets.slices.holding() == 0  # nothing reserved: `reserve` decides it
+    first = await budgets.reserve(cfg, _req("h1", "here", 100), SELECTION, published)  # takes both slices
+    held, increments = budgets.slices.holding(), await _increments(nc, cfg, "here")
+    second = _req("h2", "here", 100)
+    assert budgets.reserve_here(cfg, second, SELECTION, published) == pytest.approx(first)
+    assert budgets.slices.holding() == held - 2 * policy.to_micros(first)  # from the day's and the month's
+    assert budgets.reserve_here(cfg, second, SELECTION, published) == pytest.approx(first)  # delivered again
+    assert budgets.slices.holding() == held - 2 * policy.to_micros(first)
+    # One period's slice short of the request: neither is taken from, and nothing went to NATS.
+    per = policy.periods(published, cfg.limits.timezone)
+    budgets.slices.get(subject("llm", "here", per.month, "used")).remaining = 0
+    day = budgets.slices.get(subject("llm", "here", per.day, "used")).remaining
+    assert budgets.reserve_here(cfg, _req("h3", "here", 100), SELECTION, published) is None
+    assert budgets.slices.get(subject("llm", "here", per.day, "used")).remaining == day
+    assert await _increments(nc, cfg, "here") == increments
+    # A target without a price is refused here as in `reserve`.
+    unpriced = Selection(chain=[Target(pool="openai", model="homebrew-7b")], skipped=[], source=Source.DEFAULT_ROUTE,
+                         prompt_tokens=10)
+    with pytest.raises(BudgetRefused):
+        budgets.reserve_here(cfg, _req("h4", "here", 100), unpriced, published)

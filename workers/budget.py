@@ -276,6 +276,52 @@ class Budgets:
         would be passed (nothing stays reserved) or the chain has a target without a price; NATS errors as
         nats-py raises them (nothing stays reserved). `limits`: the budget `own` and the config give, when the
         caller has it already."""
+        ready = self._reservation(cfg, req, selection, published_ms, own, limits)
+        if isinstance(ready, float):
+            return ready
+        amount, used, caps, at, mine = ready
+        short = [k for k in _KINDS if not self.slices.take(used[k], amount, at, caps[k])]
+        if short:
+            got = await asyncio.gather(*(self._lease(used[k], caps[k], amount) for k in short),
+                                       return_exceptions=True)
+            failed = [(k, g) for k, g in zip(short, got, strict=True) if g is not True]
+            if failed:  # what was reserved for this request in the other period goes back to its slice
+                for k in _KINDS:
+                    if k not in dict(failed):
+                        self.slices.get(used[k]).add(amount, at)
+                self._ensure_sweeper()
+                k, why = failed[0]
+                if isinstance(why, BaseException):
+                    raise why
+                cap = caps[k]
+                assert cap is not None and isinstance(why, int)
+                raise BudgetRefused(policy.over_limit_message(req.account, k, cap, why, amount))
+        return self._reserved(mine, amount)
+
+    def reserve_here(
+        self, cfg: Config, req: Request, selection: Selection, published_ms: int, own: AccountLimits | None = None,
+        *, limits: BudgetLimits | None = None,
+    ) -> float | None:
+        """`reserve` when it needs nothing from NATS (this dispatcher's slices of both periods cover the request,
+        or it reserves nothing): the reservation in USD, with no task and no await. None, with nothing
+        reserved, when `reserve` must be awaited. Raises BudgetRefused as `reserve` does (nothing reserved)."""
+        ready = self._reservation(cfg, req, selection, published_ms, own, limits)
+        if isinstance(ready, float):
+            return ready
+        amount, used, caps, at, mine = ready
+        if not all(self.slices.covers(used[k], amount, caps[k]) for k in _KINDS):
+            return None
+        for k in _KINDS:
+            self.slices.take(used[k], amount, at, caps[k])
+        return self._reserved(mine, amount)
+
+    def _reservation(
+        self, cfg: Config, req: Request, selection: Selection, published_ms: int, own: AccountLimits | None,
+        limits: BudgetLimits | None,
+    ) -> float | tuple[int, dict[policy.PeriodKind, str], dict[policy.PeriodKind, int | None], int, str]:
+        """What a reservation needs before it takes from the slices: the USD when it is decided already (0:
+        nothing to reserve; a redelivery's earlier reservation), else (micro-dollars, `used` subjects, caps,
+        now, the key of `_held`). Raises BudgetRefused for a chain with a target without a price."""
         limits = limits or policy.limits_for(cfg, req.account, req.tier, own)
         if limits is None:
             return 0.0
@@ -293,24 +339,11 @@ class Budgets:
         self._timezone = cfg.limits.timezone
         per = policy.periods(published_ms, cfg.limits.timezone)
         used = _used_subjects(self.prefix, req.account, per.day, per.month)
-        at = now_ms()
         caps = {k: policy.cap(limits, k) for k in _KINDS}
-        short = [k for k in _KINDS if not self.slices.take(used[k], amount, at, caps[k])]
-        if short:
-            got = await asyncio.gather(*(self._lease(used[k], caps[k], amount) for k in short),
-                                       return_exceptions=True)
-            failed = [(k, g) for k, g in zip(short, got, strict=True) if g is not True]
-            if failed:  # what was reserved for this request in the other period goes back to its slice
-                for k in _KINDS:
-                    if k not in dict(failed):
-                        self.slices.get(used[k]).add(amount, at)
-                self._ensure_sweeper()
-                k, why = failed[0]
-                if isinstance(why, BaseException):
-                    raise why
-                cap = caps[k]
-                assert cap is not None and isinstance(why, int)
-                raise BudgetRefused(policy.over_limit_message(req.account, k, cap, why, amount))
+        return amount, used, caps, now_ms(), mine
+
+    def _reserved(self, mine: str, amount: int) -> float:
+        """Remember a reservation made here (for a redelivery of its request) and return it in USD."""
         self._held[mine] = (amount, False)
         if len(self._held) > HELD_MAX:
             self._held.popitem(last=False)

@@ -3,7 +3,8 @@
 it comes from the dispatcher's slice of the account's budget, and only taking a new slice is awaited.)
 
 - A request without `queue_ms` whose rate is decided from this dispatcher's lease of its account's
-  tokens (nothing to await, `RateLimiter.admitted_now`) only reserves, with no task for the rate.
+  tokens (nothing to await, `RateLimiter.admitted_now`) only reserves, with no task for the rate, and
+  when the dispatcher's budget slices cover it too (`Budgets.reserve_here`) nothing is awaited at all.
 - Otherwise a request without `queue_ms` asks both at once: the rate's compare-and-set and the budget's
   reservation are in flight together, so the hop waits for the slower of the two, not their sum.
   - The rate refuses (RATE_LIMITED): the reservation is released, the request ends.
@@ -65,6 +66,12 @@ async def admit(
         held = await rates.admit(req, msg, published_ms, cfg.limits, own) if rates is not None else None
         return Held(held) if held is not None else Admitted()
     if rates is None or rates.admitted_now(req, cfg.limits, own):  # the rate asked nothing of NATS: no task
+        try:
+            here = budgets.reserve_here(cfg, req, selection, published_ms, own, limits=budget)
+        except BudgetRefused:
+            here = None  # decided again below, where a redelivery's earlier hand-over is looked for
+        if here is not None:  # nor did the budget: nothing awaited
+            return Admitted(here, budget)
         return Admitted(await _reserve(budgets, cfg, req, msg, published_ms, selection, own, budget), budget)
     if req.queue_ms:
         held = await rates.admit(req, msg, published_ms, cfg.limits, own)
