@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import msgspec
@@ -18,7 +17,7 @@ from nats.js.api import PubAck
 
 from router import budget as policy
 from router.config import Config
-from router.providers.fakes import FakeOpenAI, Scenario
+from router.providers.fakes import FakeOpenAI
 from schemas import BudgetLimits, Done, Request, Target, WorkItem, decode_reply
 from workers import budget as budget_mod
 from workers import processes
@@ -29,23 +28,16 @@ from workers.runtime import ensure_topology
 
 from .conftest import running_fleet
 from .helpers import request
-from .test_budget_fleet import ANSWER, MAX_TOKENS, PROMPT, RESERVED, _config
+from .test_budget_cli import metered_fake
+from .test_budget_fleet import MAX_TOKENS, PROMPT, RESERVED, _config
 from .test_limits_fleet import account, limited_fleet
 
-__all__ = ["account"]  # the fixture, shared with test_limits_fleet
+__all__ = ["account", "metered_fake"]  # the fixtures, shared with test_limits_fleet and test_budget_cli
 
 CHAIN = [Target(pool="openai", model="metered")]
 COST = 71_000
 """What each request here costs, micro-dollars (it reserved RESERVED)."""
 LIMITS = BudgetLimits(daily_usd=1.0, monthly_usd=1000.0, alert_at=0.8)
-
-
-@pytest.fixture
-async def metered_fake() -> AsyncIterator[FakeOpenAI]:
-    fake = FakeOpenAI(default=Scenario(text=ANSWER))
-    await fake.start()
-    yield fake
-    await fake.stop()
 
 
 @pytest.fixture
