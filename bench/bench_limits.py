@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import platform
 import statistics
 import sys
 import time
@@ -50,7 +49,7 @@ import msgspec
 import nats
 import uvloop
 from hop import dispatcher_hop, pct  # bench/ is on sys.path when a bench runs
-from machine import cpu_model, version  # bench/ is on sys.path when a bench runs
+from machine import describe  # bench/ is on sys.path when a bench runs
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import api as js_api
@@ -301,8 +300,7 @@ async def main(n: int, seconds: float, rounds: int, dispatcher_only: bool, modes
     finally:
         proc.terminate()
         proc.wait(10)
-    print(f"\n{cpu_model()}, Python {platform.python_version()}, nats-py {version('nats-py')}, "
-          f"uvloop {version('uvloop')}", file=sys.stderr)
+    print(f"\n{describe('nats-py', 'uvloop')}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -28,14 +28,13 @@ account has been seen and its leases follow the paced rate rather than the satur
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 import uuid
 
 import uvloop
 from hop import dispatcher_hop, pct  # bench/ is on sys.path when a bench runs
-from machine import cpu_model, version  # bench/ is on sys.path when a bench runs
+from machine import describe  # bench/ is on sys.path when a bench runs
 from servers import start_nats  # bench/ is on sys.path when a bench runs
 
 from router import config as config_mod
@@ -120,8 +119,7 @@ async def main(accounts: list[int], seconds: float, rounds: int, modes: list[str
     finally:
         proc.terminate()
         proc.wait(10)
-    print(f"\n{cpu_model()}, Python {platform.python_version()}, nats-py {version('nats-py')}, "
-          f"uvloop {version('uvloop')}", file=sys.stderr)
+    print(f"\n{describe('nats-py', 'uvloop')}", file=sys.stderr)
 
 
 if __name__ == "__main__":

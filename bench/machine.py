@@ -22,3 +22,8 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def describe(*dists: str) -> str:
+    """The CPU, Python and the versions of `dists`: `Intel(R) Xeon(R) ..., Python 3.11.7, nats-py 2.16.0`."""
+    return ", ".join([cpu_model(), f"Python {platform.python_version()}", *(f"{d} {version(d)}" for d in dists)])
