@@ -17,7 +17,10 @@ where it matters: `k = 1` (no lease) unless at least half the burst is available
 (`lease_cap`), so `per_second × V` ≤ burst / 4. A replica may also take its next lease *ahead of
 need*, right after a request left it without a token (`refill_size`, `Lease.ahead`): a decision no
 request waits for, whose `k` tokens are all left for the account's next requests, under the same
-rules (half the burst available, at most `lease_cap`, valid for `V`). A leased token is spent when it
+rules (half the burst available, at most `lease_cap`, valid for `V`). It may also take it while the lease
+still has tokens, when the lease will expire before the account's next request is due (`Lease.renew_due`:
+the account's latest spacing on the replica, at most `V`, is longer than what is left of the validity):
+the new lease replaces the old one, whose unused tokens are lost. A leased token is spent when it
 is debited, so the debits keep the bucket's exact shape; only its use may come up to `V` later. Over
 any window of `W` seconds the admissions are therefore at most what the exact limiter allows over
 `W + V`: `burst + per_second × W + ⌊burst / 4⌋`, and at most `burst + per_second × W + Σ left` over
@@ -166,20 +169,34 @@ class Lease(msgspec.Struct, kw_only=True):
     ahead: bool = False
     """Taken ahead of need, by no request: all `size` tokens were left for the account's next requests."""
     prior_us: int = 0
-    """When the replica took the account's lease before this one (0: none it remembers)."""
+    """When the replica last admitted a request of the account before this lease (0: none it remembers)."""
+    last_us: int = 0
+    """When the replica last admitted a request of the account: with this lease's latest token, or, while
+    none of its tokens is used, before it (0: none it remembers)."""
+    gap_us: int = 0
+    """The time between the last two requests of the account this replica admitted (0: not known)."""
 
     @classmethod
     def taken(cls, limit: RateLimit, size: int, now_us: int, prior_us: int = 0) -> Lease:
         """The lease of `size` tokens debited at `now_us`, the first of them used by the request that took
-        it; `prior_us` is when the replica's previous lease of the account was taken."""
+        it; `prior_us` is when the replica admitted the account's request before it (`Lease.latest_us` of
+        its previous lease of the account)."""
+        gap = now_us - prior_us if 0 < prior_us < now_us else 0
         return cls(limit=limit, size=size, left=size - 1, taken_us=now_us,
-                   until_us=now_us + lease_validity_us(limit), prior_us=prior_us)
+                   until_us=now_us + lease_validity_us(limit), prior_us=prior_us, last_us=now_us, gap_us=gap)
 
     @classmethod
-    def taken_ahead(cls, limit: RateLimit, size: int, now_us: int) -> Lease:
-        """The lease of `size` tokens debited at `now_us` ahead of need: every one of them left."""
-        return cls(limit=limit, size=size, left=size, taken_us=now_us,
-                   until_us=now_us + lease_validity_us(limit), ahead=True)
+    def taken_ahead(cls, limit: RateLimit, size: int, now_us: int, after: Lease | None = None) -> Lease:
+        """The lease of `size` tokens debited at `now_us` ahead of need: every one of them left. `after` is
+        the lease it follows, whose record of the account's requests it keeps."""
+        return cls(limit=limit, size=size, left=size, taken_us=now_us, until_us=now_us + lease_validity_us(limit),
+                   ahead=True, last_us=after.last_us if after is not None else 0,
+                   gap_us=after.gap_us if after is not None else 0)
+
+    def latest_us(self) -> int:
+        """When the replica last admitted a request of the account, as far as this lease knows (its debit
+        when it knows none: a lease is taken by a request, or ahead of one, a moment after it)."""
+        return self.last_us or self.taken_us
 
     def usable(self, limit: RateLimit, now_us: int) -> bool:
         """Whether a token is left to use at `now_us` under the account's `limit` (see `use`)."""
@@ -191,7 +208,19 @@ class Lease(msgspec.Struct, kw_only=True):
         if not self.usable(limit, now_us):
             return False
         self.left -= 1
+        if 0 < self.last_us < now_us:
+            self.gap_us = now_us - self.last_us
+        self.last_us = max(self.last_us, now_us)
         return True
+
+    def renew_due(self, now_us: int) -> bool:
+        """Whether to take the account's next lease ahead of need although this one has tokens left: it
+        expires before the account's next request is due, going by the account's latest spacing here
+        (`gap_us`), and that spacing is within a validity (a lease taken now will still be valid then;
+        for an account rarer than that a token taken ahead would only be lost)."""
+        if self.left <= 0 or self.gap_us <= 0:
+            return False
+        return self.until_us - now_us < self.gap_us <= self.until_us - self.taken_us
 
     def wanted_next(self, limit: RateLimit, now_us: int) -> int:
         """The size to ask for when this lease no longer serves: twice its size when all of it was used
@@ -206,14 +235,14 @@ class Lease(msgspec.Struct, kw_only=True):
         return max(1, used * validity // max(1, now_us - self.taken_us))
 
     def wanted_ahead(self, limit: RateLimit, now_us: int) -> int:
-        """The size to take ahead of need once this lease has no token left: the account's rate on this
-        replica over the lease (its uses after the debit, per time since), scaled to one validity: at
-        most twice its size, and never less than the uses when they all came within `V`, so a steady
-        account's leases settle at what it uses within `V` instead of doubling past it. After a request's
-        own one-token decision (no use after the debit to go by): 1, which makes the account's next
-        request within `V` free, unless the replica's previous lease of the account was taken more than
-        `V` before it: an account that sends rarer than that would leave the token unused, so 0 (none).
-        A new limit starts again from 1."""
+        """The size to take ahead of need once this lease has no token left (or `renew_due`): the account's
+        rate on this replica over the lease (its uses after the debit, per time since), scaled to one
+        validity: at most twice its size, and never less than the uses when they all came within `V`, so a
+        steady account's leases settle at what it uses within `V` instead of doubling past it; at least 1.
+        After a request's own one-token decision (no use after the debit to go by): 1, which makes the
+        account's next request within `V` free, unless the replica admitted the account's request before it
+        more than `V` earlier: an account that sends rarer than that would leave the token unused, so 0
+        (none). A new limit starts again from 1."""
         if self.limit != limit:
             return 1
         validity = self.until_us - self.taken_us

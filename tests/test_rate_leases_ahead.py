@@ -136,3 +136,24 @@ async def test_admitted_now_spends_a_leased_token_and_otherwise_leaves_the_reque
     before = await _writes(nc)
     assert limiter.admitted_now(_request("free"), unlimited) and await _writes(nc) == before
 
+
+
+async def test_after_a_burst_a_paced_account_is_served_from_leases_renewed_before_they_expire(
+    nc: NATS, limiter: RateLimiter
+) -> None:
+    from .test_ratelimit import burst_then_pace_arrivals
+
+    limit = RateLimit(per_second=100, burst=400)  # leases of up to 100 tokens, valid 1 s
+    arrivals = burst_then_pace_arrivals(now_us() + 60_000_000, 800_000, 10)
+    for t, _ in arrivals[:200]:
+        assert (await limiter.decide("paced", limit, t)).admitted
+        await limiter.quiet()
+    local, ahead, before = limiter.local, limiter.ahead, await _writes(nc)
+    for t, _ in arrivals[200:]:
+        assert (await limiter.decide("paced", limit, t)).admitted
+        await limiter.quiet()
+    # The first paced request found the burst's last lease expired and decided on the shared state; each
+    # one after it was admitted from a lease taken ahead of it, some while the lease before still had
+    # tokens (it would have expired before the request came), with no compare-and-set of its own.
+    assert limiter.local - local == 9 and limiter.from_ahead >= 9
+    assert await _writes(nc) - before == 1 + (limiter.ahead - ahead)

@@ -159,7 +159,8 @@ def simulate(
     """Replicas sharing one account's state as workers/ratelimits.py does (one shared state, a lease per
     replica), on a fake clock: (time, replica, tokens its decision took; 0 for a local admission) for
     each admitted arrival (time, replica), in order. The replicas in `ahead` take their next lease ahead
-    of need, at the moment an admission left them without a token, before the next arrival."""
+    of need, at the moment an admission left them without a token (or with a lease that expires before the
+    account's next request is due, `Lease.renew_due`: the new lease replaces it), before the next arrival."""
     state = RateState()
     leases: dict[int, Lease] = {}
     out = []
@@ -174,15 +175,15 @@ def simulate(
             if not d.admitted:
                 continue
             state = d.state
-            last = leases[replica] = Lease.taken(limit, take, t, last.taken_us if last is not None else 0)
+            last = leases[replica] = Lease.taken(limit, take, t, last.latest_us() if last is not None else 0)
             out.append((t, replica, take))
-        if replica in ahead and last.left == 0:
+        if replica in ahead and (last.left == 0 or last.renew_due(t)):
             size = refill_size(state, limit, t, last.wanted_ahead(limit, t))
             if size:
                 refill = decide(state, limit, t, take=size)
                 assert refill.admitted  # half the burst is there, and a lease is at most a quarter of it
                 state = refill.state
-                leases[replica] = Lease.taken_ahead(limit, size, t)
+                leases[replica] = Lease.taken_ahead(limit, size, t, last)
                 trace.refills.append((t, replica, size))
     return out
 
@@ -366,6 +367,44 @@ def test_a_refills_tokens_expire_unused_after_its_validity() -> None:
     # Within V its next request is admitted from the refill, with no decision of its own.
     out = simulate(limit, [(T0 + i * S, 0) for i in range(5)], {0})
     assert [k for _, _, k in out] == [1, 0, 0, 0, 0]
+
+
+def burst_then_pace_arrivals(base_us: int, pace_us: int, paced: int) -> list[tuple[int, int]]:
+    """One replica's arrivals for an account of `RateLimit(100, 400)` (leases of up to 100, V = 1 s): 200
+    requests 12 ms apart (a burst its leases grow to serve), then `paced` requests `pace_us` apart."""
+    burst = [(base_us + i * 12_000, 0) for i in range(200)]
+    end = burst[-1][0]
+    return burst + [(end + (k + 1) * pace_us, 0) for k in range(paced)]
+
+
+def test_a_lease_that_would_expire_before_the_accounts_next_request_is_renewed_ahead() -> None:
+    limit = RateLimit(per_second=100, burst=400)
+    # The account's latest spacing here (800 ms) is longer than what is left of the lease (300 ms) and
+    # within a validity (1 s): the next request would find the lease expired, so a new one is taken now.
+    lease = Lease.taken(limit, 40, T0, prior_us=T0 - 800_000)
+    assert lease.gap_us == 800_000 and lease.latest_us() == T0
+    assert not lease.renew_due(T0)  # a whole validity left
+    assert lease.use(limit, T0 + 700_000) and lease.gap_us == 700_000 and lease.latest_us() == T0 + 700_000
+    assert lease.renew_due(T0 + 700_000)  # 300 ms left, 700 ms apart
+    assert not Lease.taken(limit, 40, T0, prior_us=T0 - S - 1).renew_due(T0 + 900_000)  # rarer than V: none
+    assert not Lease.taken(limit, 40, T0).renew_due(T0 + 900_000)  # spacing not known
+    used_up = Lease.taken(limit, 1, T0, prior_us=T0 - 800_000)
+    assert used_up.left == 0 and not used_up.renew_due(T0 + 900_000)  # no tokens left: the usual refill's case
+    ahead = Lease.taken_ahead(limit, 3, T0, used_up)
+    assert ahead.latest_us() == T0 and ahead.gap_us == 800_000  # the account's record goes on
+    assert Lease.taken_ahead(limit, 3, T0).latest_us() == T0
+
+    # After a burst, an account slowing to one request every 800 ms (within V) awaits one compare-and-set (its
+    # first request after the burst's lease expired), then is served from leases taken ahead; without renewals
+    # it awaited three, as the large lease that request took expired unused between two of its requests.
+    trace = Trace()
+    arrivals = burst_then_pace_arrivals(T0, 800_000, 10)
+    out = simulate(limit, arrivals, {0}, trace)
+    assert len(out) == len(arrivals)
+    paced = [k for t, _, k in out if t > arrivals[199][0]]
+    assert paced[0] > 1 and paced[1:] == [0] * 9
+    assert worst_excess(limit, [t for t, _, _ in out]) <= lease_cap(limit)
+    assert worst_excess(limit, [t for t, _, _ in out], trace.held) <= 0
 
 
 def late_refill_arrivals(limit: RateLimit, base_us: int) -> list[tuple[int, int]]:

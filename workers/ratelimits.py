@@ -27,13 +27,17 @@ A replica takes an account's next lease ahead of need: right after a request lef
 account without a token (the last one used, or a request admitted by its own one-token decision), a
 background task takes the next one in the account's turn (starting `REFILL_DELAY_S` later, so that its
 compare-and-set does not compete with the hand-over of the request that started it), so the account's
-next request here finds a token waiting instead of awaiting a compare-and-set. At most one such refill
+next request here finds a token waiting instead of awaiting a compare-and-set. It does the same when a
+request used a token of a lease that will expire before the account's next request is due here (its
+latest spacing, if within a validity, is longer than what is left of the lease's: `Lease.renew_due`), as
+after a burst, when a large lease's tokens would expire unused one request before the account's pace
+here catches up: the new lease replaces the old one, whose unused tokens are lost. At most one such refill
 is in flight per account (requests that come while it runs wait for it, then use its tokens), only for
 accounts in the lease LRU, and only while at least half the burst is available
 (`ratelimit.refill_size`): near its limit an account is decided one request at a time, exactly, as
 before. Its size follows the account's use here (`Lease.wanted_ahead`): one token after a request's own
 decision, which makes the account's next request within the lease validity free, but none when the
-replica's previous lease of the account was taken more than a validity before (an account that sends
+replica admitted the account's previous request more than a validity before (an account that sends
 rarer than that would only lose the token and cost a compare-and-set per request). A refill that fails
 is dropped; it never fails a request. `close()` cancels the refills in flight and those about to start.
 
@@ -380,33 +384,36 @@ class RateLimiter:
                 del self._turns[key]
 
     def _ahead_of_need(self, key: str, limit: RateLimit, now: int) -> None:
-        """Start the refill of `key`'s lease when a request left it without a token (see the module doc)."""
+        """Start the refill of `key`'s lease when a request left it without a token, or it will expire before
+        the account's next request (see the module doc)."""
         held = self._leases.get(key)
-        if held is None or held.left > 0 or self._closed:
+        if held is None or self._closed or (held.left > 0 and not held.renew_due(now)):
             return
         running = self._refills.get(key)
         if key in self._due or (running is not None and not running.done()):
             return
-        self._due[key] = asyncio.get_running_loop().call_later(REFILL_DELAY_S, self._start_refill, key, limit, now)
+        self._due[key] = asyncio.get_running_loop().call_later(
+            REFILL_DELAY_S, self._start_refill, key, limit, now, held)
 
-    def _start_refill(self, key: str, limit: RateLimit, now: int) -> None:
+    def _start_refill(self, key: str, limit: RateLimit, now: int, replacing: Lease) -> None:
         del self._due[key]
-        task = asyncio.get_running_loop().create_task(self._refill(key, limit, now))
+        task = asyncio.get_running_loop().create_task(self._refill(key, limit, now, replacing))
         self._refills[key] = task
         task.add_done_callback(lambda done: self._refills.pop(key) if self._refills.get(key) is done else None)
 
-    async def _refill(self, key: str, limit: RateLimit, now: int) -> None:
-        """Take `key`'s next lease in its turn; a failure is dropped (the next request decides as before)."""
+    async def _refill(self, key: str, limit: RateLimit, now: int, replacing: Lease) -> None:
+        """Take `key`'s next lease in its turn, in place of `replacing`; a failure is dropped (the next request
+        decides as before)."""
         try:
             async with self._turn(key):
-                await self._take_ahead(key, limit, now)
+                await self._take_ahead(key, limit, now, replacing)
         except Exception as exc:  # NATS errors, a timeout: never a request's failure
             log.debug("rate_refill_dropped", key=key, error=repr(exc))
 
-    async def _take_ahead(self, key: str, limit: RateLimit, now: int) -> None:
+    async def _take_ahead(self, key: str, limit: RateLimit, now: int, replacing: Lease) -> None:
         held = self._leases.get(key)
         now = max(now, now_us())
-        if held is not None and held.usable(limit, now):
+        if held is not None and held is not replacing and held.usable(limit, now):
             return  # a request took a lease with tokens left while this refill waited its turn
         wanted = held.wanted_ahead(limit, now) if held is not None else 1
         cached = self._cache.get(key)
@@ -422,7 +429,7 @@ class RateLimiter:
             seq = await self._store(key, decision.state, rev, now)
             if seq is not None:
                 self._remember(key, decision.state, seq)
-                self._lease(key, Lease.taken_ahead(limit, size, decision.at_us))
+                self._lease(key, Lease.taken_ahead(limit, size, decision.at_us, held))
                 self.ahead += 1
                 return
             state, rev = await self._read(key)
@@ -454,7 +461,7 @@ class RateLimiter:
                     self._remember(key, decision.state, seq)
                     if lease:
                         prior = self._leases.get(key)
-                        self._lease(key, Lease.taken(limit, take, decision.at_us, prior.taken_us if prior else 0))
+                        self._lease(key, Lease.taken(limit, take, decision.at_us, prior.latest_us() if prior else 0))
                     return decision
             state, rev = await self._read(key)
             fresh = True
