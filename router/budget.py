@@ -87,6 +87,12 @@ def cap(limits: BudgetLimits, kind: PeriodKind) -> int | None:
     return None if amount is None else to_micros(amount)
 
 
+@lru_cache(maxsize=1024)
+def caps(limits: BudgetLimits) -> tuple[int | None, int | None]:
+    """`cap` of the day and of the month. (Kept: asked per request.)"""
+    return cap(limits, "day"), cap(limits, "month")
+
+
 def to_micros(usd: float) -> int:
     """USD to micro-dollars, rounded up: a reservation or cost is never counted short."""
     return max(0, math.ceil(usd * MICROS - 1e-6))

@@ -137,10 +137,10 @@ def subject(prefix: str, account: str, period: str, kind: str) -> str:
 
 
 @lru_cache(maxsize=4096)
-def _used_subjects(prefix: str, account: str, day: str, month: str) -> dict[policy.PeriodKind, str]:
-    """The `used` counters a reservation of `account` in that day and month takes from (kept: asked per
-    request). The caller must not change the dict."""
-    return {"day": subject(prefix, account, day, "used"), "month": subject(prefix, account, month, "used")}
+def _used_subjects(prefix: str, account: str, day: str, month: str) -> tuple[str, str]:
+    """The `used` counters (day, month) a reservation of `account` in that day and month takes from (kept:
+    asked per request)."""
+    return subject(prefix, account, day, "used"), subject(prefix, account, month, "used")
 
 
 class BudgetAlert(msgspec.Struct, kw_only=True):
@@ -279,7 +279,9 @@ class Budgets:
         ready = self._reservation(cfg, req, selection, published_ms, own, limits)
         if isinstance(ready, float):
             return ready
-        amount, used, caps, at, mine = ready
+        amount, (day, month), (day_cap, month_cap), at, mine = ready
+        used: dict[policy.PeriodKind, str] = {"day": day, "month": month}
+        caps: dict[policy.PeriodKind, int | None] = {"day": day_cap, "month": month_cap}
         short = [k for k in _KINDS if not self.slices.take(used[k], amount, at, caps[k])]
         if short:
             got = await asyncio.gather(*(self._lease(used[k], caps[k], amount) for k in short),
@@ -308,20 +310,26 @@ class Budgets:
         ready = self._reservation(cfg, req, selection, published_ms, own, limits)
         if isinstance(ready, float):
             return ready
-        amount, used, caps, at, mine = ready
-        if not all(self.slices.covers(used[k], amount, caps[k]) for k in _KINDS):
+        amount, (day_key, month_key), (day_cap, month_cap), at, mine = ready
+        held = self.slices.held
+        day, month = held.get(day_key), held.get(month_key)
+        if (day is None or month is None or amount > day.remaining or amount > month.remaining
+                or not day.covers(day_cap) or not month.covers(month_cap)):
             return None
-        for k in _KINDS:
-            self.slices.take(used[k], amount, at, caps[k])
+        day.remaining -= amount
+        day.last_ms = at
+        month.remaining -= amount
+        month.last_ms = at
         return self._reserved(mine, amount)
 
     def _reservation(
         self, cfg: Config, req: Request, selection: Selection, published_ms: int, own: AccountLimits | None,
         limits: BudgetLimits | None,
-    ) -> float | tuple[int, dict[policy.PeriodKind, str], dict[policy.PeriodKind, int | None], int, str]:
+    ) -> float | tuple[int, tuple[str, str], tuple[int | None, int | None], int, str]:
         """What a reservation needs before it takes from the slices: the USD when it is decided already (0:
-        nothing to reserve; a redelivery's earlier reservation), else (micro-dollars, `used` subjects, caps,
-        now, the key of `_held`). Raises BudgetRefused for a chain with a target without a price."""
+        nothing to reserve; a redelivery's earlier reservation), else (micro-dollars, the `used` subjects and
+        the caps of the day and the month, now, the key of `_held`). Raises BudgetRefused for a chain with a
+        target without a price."""
         limits = limits or policy.limits_for(cfg, req.account, req.tier, own)
         if limits is None:
             return 0.0
@@ -339,8 +347,7 @@ class Budgets:
         self._timezone = cfg.limits.timezone
         per = policy.periods(published_ms, cfg.limits.timezone)
         used = _used_subjects(self.prefix, req.account, per.day, per.month)
-        caps = {k: policy.cap(limits, k) for k in _KINDS}
-        return amount, used, caps, now_ms(), mine
+        return amount, used, policy.caps(limits), now_ms(), mine
 
     def _reserved(self, mine: str, amount: int) -> float:
         """Remember a reservation made here (for a redelivery of its request) and return it in USD."""

@@ -238,13 +238,17 @@ class RateLimiter:
         limit = ratelimit.limits_for(limits, req.account, req.tier, own)
         if limit is None:
             return True
-        if ratelimit.lease_cap(limit) <= 1:
-            return False
         key = f"a.{req.account}"
-        decision = self._from_lease(key, limit, now_us())
-        if decision is None:
+        held = self._leases.get(key)  # (a lease exists only under a limit that allows leases)
+        if held is None:
             return False
-        self._ahead_of_need(key, limit, decision.at_us)
+        now = now_us()
+        if not held.use(limit, now):
+            return False
+        self.local += 1
+        self.from_ahead += held.ahead
+        if held.left <= 0 or held.renew_due(now):
+            self._ahead_of_need(key, limit, now)
         return True
 
     async def admit(
