@@ -106,7 +106,7 @@ def reservation(cfg: Config, req: Request, chain: list[Target], prompt_tokens: i
     """The worst-case cost of `req` in micro-dollars: `prompt_tokens` in and the most it may answer, at the
     dearest target of `chain`. Raises UnpricedTargets when a target of the chain has no price (and is not
     free): a fallback to it would spend without being counted."""
-    worst = 0.0
+    worst = 0
     unpriced: list[str] = []
     for t in chain:
         provider = cfg.pools[t.pool].provider
@@ -115,16 +115,17 @@ def reservation(cfg: Config, req: Request, chain: list[Target], prompt_tokens: i
         own = cfg.models.get(t.model)
         if prov.free or (own is not None and (own.free or own.input_usd_per_mtok is not None)):
             cost = target_cost_usd(cfg, provider, t.model, Usage(input_tokens=prompt_tokens, output_tokens=out))
+            micros = None if cost is None else to_micros(cost)
         else:
-            cost = _catalogue_cost(prov.genai_prices_id or provider, prov.format, t.model,
-                                   _rounded_up(prompt_tokens), _rounded_up(out))
-        if cost is None:
+            micros = _catalogue_micros(prov.genai_prices_id or provider, prov.format, t.model,
+                                       _rounded_up(prompt_tokens), _rounded_up(out))
+        if micros is None:
             unpriced.append(f"{t.pool}:{t.model}")
-        else:
-            worst = max(worst, cost)
+        elif micros > worst:
+            worst = micros
     if unpriced:
         raise UnpricedTargets(unpriced)
-    return to_micros(worst)
+    return worst  # (rounding each cost up, then the dearest: the same as rounding the dearest up)
 
 
 def _rounded_up(tokens: int) -> int:
@@ -134,6 +135,13 @@ def _rounded_up(tokens: int) -> int:
         return tokens
     step = 1 << (tokens.bit_length() - 4)
     return -(-tokens // step) * step
+
+
+@lru_cache(maxsize=4096)
+def _catalogue_micros(provider_id: str, fmt: str, model: str, input_tokens: int, output_tokens: int) -> int | None:
+    """`_catalogue_cost` in micro-dollars, rounded up (kept: asked per request)."""
+    cost = _catalogue_cost(provider_id, fmt, model, input_tokens, output_tokens)
+    return None if cost is None else to_micros(cost)
 
 
 @lru_cache(maxsize=4096)

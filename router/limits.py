@@ -53,6 +53,12 @@ def config_section(limits: LimitsConfig, account: str, tier: str) -> tuple[Limit
     return limits.default, "limits.default"
 
 
+def _section(limits: LimitsConfig, account: str, tier: str) -> Limits:
+    """`config_section` without its name (asked per request)."""
+    got = limits.accounts.get(account) or limits.tiers.get(tier)
+    return got if got is not None else limits.default
+
+
 def _finite(value: float) -> float | None:
     return None if math.isinf(value) else value
 
@@ -60,7 +66,7 @@ def _finite(value: float) -> float | None:
 def rate_limit(limits: LimitsConfig, account: str, tier: str, own: AccountLimits | None = None) -> RateLimit | None:
     """The account's rate limit, or None when it has none (no requests per second, no tokens per minute).
     A returned limit's `per_second` is a number (`math.inf` when only the tokens per minute count)."""
-    base = config_section(limits, account, tier)[0].rate
+    base = _section(limits, account, tier).rate
     per_second = math.inf if base.per_second == UNLIMITED else float(base.per_second)
     burst, tpm = base.burst, base.tokens_per_minute
     if own is not None:
@@ -81,7 +87,7 @@ def budget_limit(
     limits: LimitsConfig, account: str, tier: str, own: AccountLimits | None = None
 ) -> BudgetLimits | None:
     """The account's budget, or None when it has neither a daily nor a monthly one (nothing to reserve)."""
-    base: Budget = config_section(limits, account, tier)[0].budget
+    base: Budget = _section(limits, account, tier).budget
     daily, monthly, alert_at = _amount(base.daily_usd), _amount(base.monthly_usd), base.alert_at
     if own is not None:
         daily = daily if own.daily_usd is None else _finite(own.daily_usd)
