@@ -98,6 +98,34 @@ def budget_limit(
     return BudgetLimits(daily_usd=daily, monthly_usd=monthly, alert_at=alert_at)
 
 
+
+class Resolved(msgspec.Struct, frozen=True):
+    """What a request's account meets: its `rate_limit` and its `budget_limit`."""
+
+    rate: RateLimit | None
+    budget: BudgetLimits | None
+
+
+class ResolvedLimits:
+    """`rate_limit` and `budget_limit` per account and tier, kept while the config's limits and the account's
+    row are the same objects (a config push builds a new config; a row read again that changed is a new
+    object), so that a request asks one dictionary rather than resolving both (asked per request)."""
+
+    def __init__(self, size: int = 8192) -> None:
+        self._size = size
+        self._kept: dict[tuple[str, str], tuple[LimitsConfig, AccountLimits | None, Resolved]] = {}
+
+    def of(self, limits: LimitsConfig, account: str, tier: str, own: AccountLimits | None = None) -> Resolved:
+        key = (account, tier)
+        hit = self._kept.get(key)
+        if hit is not None and hit[0] is limits and hit[1] is own:
+            return hit[2]
+        got = Resolved(rate_limit(limits, account, tier, own), budget_limit(limits, account, tier, own))
+        if len(self._kept) >= self._size:
+            self._kept.clear()  # (rebuilt by the accounts that come next)
+        self._kept[key] = (limits, own, got)
+        return got
+
 def source(limits: LimitsConfig, account: str, tier: str, own: AccountLimits | None) -> str:
     """Where an account's limits come from, for `budget status` and `accounts limits show`."""
     section = config_section(limits, account, tier)[1]

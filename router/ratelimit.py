@@ -200,7 +200,7 @@ class Lease(msgspec.Struct, kw_only=True):
 
     def usable(self, limit: RateLimit, now_us: int) -> bool:
         """Whether a token is left to use at `now_us` under the account's `limit` (see `use`)."""
-        return self.left > 0 and now_us <= self.until_us and self.limit == limit
+        return self.left > 0 and now_us <= self.until_us and (self.limit is limit or self.limit == limit)
 
     def use(self, limit: RateLimit, now_us: int) -> bool:
         """Spend one leased token at `now_us`; False (nothing spent) when none is left, the lease has

@@ -14,7 +14,7 @@ import pytest
 
 from router import config as config_mod
 from router.config import ConfigError, LimitsConfig
-from router.limits import AccountLimits, budget_limit, rate_limit, source
+from router.limits import AccountLimits, Resolved, ResolvedLimits, budget_limit, rate_limit, source
 from router.ratelimit import RateState, decide, describe
 from schemas import BudgetLimits
 
@@ -50,6 +50,27 @@ def test_the_table_wins_field_by_field_over_account_then_tier_then_default() -> 
     assert source(LIMITS, "acme", "pro", None) == "limits.tiers.pro"
     assert source(LIMITS, "acme", "free", AccountLimits()) == "limits.default"
 
+
+
+def test_resolved_limits_are_kept_only_while_the_config_and_the_row_are_the_same() -> None:
+    kept = ResolvedLimits(size=2)
+    own = AccountLimits(per_second=9, daily_usd=1.5)
+    first = kept.of(LIMITS, "acme", "pro", own)
+    assert first == Resolved(rate_limit(LIMITS, "acme", "pro", own), budget_limit(LIMITS, "acme", "pro", own))
+    assert kept.of(LIMITS, "acme", "pro", own) is first  # nothing changed: the same answer, not resolved again
+    # A row read again with other values, a config pushed with other limits: resolved again, never the old answer.
+    changed = AccountLimits(per_second=4, daily_usd=1.5)
+    assert kept.of(LIMITS, "acme", "pro", changed).rate == config_mod.RateLimit(per_second=4, burst=6,
+                                                                              tokens_per_minute=1000)
+    assert kept.of(LIMITS, "acme", "pro", None).rate == rate_limit(LIMITS, "acme", "pro")
+    pushed = _limits(default={"rate": {"per_second": 7, "burst": 5}, "budget": {"daily_usd": "unlimited",
+                                                                               "monthly_usd": "unlimited"}})
+    assert kept.of(pushed, "acme", "free") == Resolved(config_mod.RateLimit(per_second=7, burst=5), None)
+    assert kept.of(LIMITS, "acme", "free").rate == config_mod.RateLimit(per_second=1, burst=5)
+    # Bounded: past its size it forgets, and answers the same by resolving again.
+    for name in ("a", "b", "c"):
+        assert kept.of(LIMITS, name, "free").budget == BudgetLimits(daily_usd=10, monthly_usd=100)
+    assert len(kept._kept) <= 2
 
 def test_unlimited_in_the_config_switches_a_limit_off() -> None:
     off = _limits(default={"rate": {"per_second": "unlimited"},

@@ -26,14 +26,16 @@ import asyncio
 import msgspec
 from nats.aio.msg import Msg
 
-from router import budget as policy
 from router.config import Config
-from router.limits import AccountLimits
+from router.limits import AccountLimits, ResolvedLimits
 from router.routing import Selection
 from schemas import BudgetLimits, Request
 
 from .budget import BudgetRefused, Budgets
 from .ratelimits import RateLimited, RateLimiter
+
+_resolved = ResolvedLimits()
+"""The accounts' limits as last resolved (router/limits.py): one lookup per request while nothing changed."""
 
 
 class Held(msgspec.Struct, frozen=True):
@@ -61,11 +63,12 @@ async def admit(
 ) -> Held | Admitted:
     """Check `req` against its account's rate and budget (see the module doc). Raises RateLimited,
     BudgetRefused, or what NATS raises (the request is then delivered again)."""
-    budget = policy.limits_for(cfg, req.account, req.tier, own) if budgets is not None else None
+    resolved = _resolved.of(cfg.limits, req.account, req.tier, own)
+    budget = resolved.budget if budgets is not None else None
     if budgets is None or budget is None:
         held = await rates.admit(req, msg, published_ms, cfg.limits, own) if rates is not None else None
         return Held(held) if held is not None else Admitted()
-    if rates is None or rates.admitted_now(req, cfg.limits, own):  # the rate asked nothing of NATS: no task
+    if rates is None or rates.admitted_now_under(req, resolved.rate):  # the rate asked nothing of NATS: no task
         try:
             here = budgets.reserve_here(cfg, req, selection, published_ms, own, limits=budget)
         except BudgetRefused:

@@ -233,9 +233,12 @@ class RateLimiter:
         replica's lease of the account's tokens is spent on it (the refill ahead of need started as `decide`
         would). False: `admit` decides it (nothing was spent). Saves the caller a task when the budget is
         asked too (workers/limits.py)."""
+        return self.admitted_now_under(req, ratelimit.limits_for(limits, req.account, req.tier, own))
+
+    def admitted_now_under(self, req: Request, limit: RateLimit | None) -> bool:
+        """`admitted_now` for a request whose account's limit (`ratelimit.limits_for`) the caller resolved."""
         if req.queue_ms:
             return False
-        limit = ratelimit.limits_for(limits, req.account, req.tier, own)
         if limit is None:
             return True
         key = f"a.{req.account}"
