@@ -19,10 +19,12 @@ ahead of need.
 
     .venv/bin/python bench/bench_rate_leases.py [--accounts 100,10] [--seconds 5] [--rounds 2]
         [--modes off,rate,"rate without leases",both,"both without leases"] [--rate 1e6,1e6]
-        [--paced-only] [--warmup 2]
+        [--paced-only] [--warmup 2] [--saturation-warmup 0]
 
 Before the paced phase is measured, `--warmup` seconds of the same paced load go unmeasured, so that every
-account has been seen and its leases follow the paced rate rather than the saturation before it.
+account has been seen and its leases follow the paced rate rather than the saturation before it. With
+`--saturation-warmup`, so many seconds of saturation go unmeasured before it is measured: the steady state
+of a saturated dispatcher, rather than the first seconds of fresh accounts whose leases grow from one token.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def _config(per_second: float, burst: int) -> config_mod.Config:
 
 
 async def _cell(url: str, mode: str, accounts: int, seconds: float, per_second: float, burst: int,
-                saturate: bool, warmup: float) -> str:
+                saturate: bool, warmup: float, sat_warmup: float) -> str:
     tag = uuid.uuid4().hex[:6]  # fresh accounts per cell: no state or lease left from another cell
 
     def account(i: int) -> str:
@@ -88,6 +90,8 @@ async def _cell(url: str, mode: str, accounts: int, seconds: float, per_second: 
 
             sat = "—"
             if saturate:
+                if sat_warmup > 0:  # unmeasured: the accounts' leases grown to the saturated rate
+                    await hop.saturation(sat_warmup, account)
                 w0, mark = await writes(), marks()
                 cpu0 = time.process_time()
                 count, rps, lat = await hop.saturation(seconds, account)
@@ -106,7 +110,7 @@ async def _cell(url: str, mode: str, accounts: int, seconds: float, per_second: 
 
 
 async def main(accounts: list[int], seconds: float, rounds: int, modes: list[str], per_second: float,
-               burst: int, saturate: bool, warmup: float) -> None:
+               burst: int, saturate: bool, warmup: float, sat_warmup: float) -> None:
     url, proc = start_nats()
     try:
         print("| dispatcher limits | accounts | saturation (64 in flight) | 100 req/s open loop |")
@@ -114,7 +118,7 @@ async def main(accounts: list[int], seconds: float, rounds: int, modes: list[str
         for rnd in range(rounds):  # interleaved, so a burst of load from elsewhere does not hit one mode only
             for n in accounts:
                 for mode in modes:
-                    row = await _cell(url, mode, n, seconds, per_second, burst, saturate, warmup)
+                    row = await _cell(url, mode, n, seconds, per_second, burst, saturate, warmup, sat_warmup)
                     print(row.replace(f"| {mode} |", f"| {mode} (round {rnd + 1}) |", 1), flush=True)
     finally:
         proc.terminate()
@@ -133,6 +137,9 @@ if __name__ == "__main__":
                    help="skip the saturation phase (for a limit that would refuse it, e.g. the default 10,50)")
     p.add_argument("--warmup", type=float, default=2.0,
                    help="unmeasured seconds of the paced load before it is measured (default 2)")
+    p.add_argument("--saturation-warmup", type=float, default=0.0,
+                   help="unmeasured seconds of saturation before it is measured (default 0: the fresh accounts'"
+                        " first seconds are measured, their leases still growing)")
     a = p.parse_args()
     a_modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     try:
@@ -144,4 +151,5 @@ if __name__ == "__main__":
     if not a_modes or any(m not in MODES for m in a_modes) or not nums or min(nums) < 1:
         p.error(f"--modes: choose among {', '.join(MODES)}; --accounts: positive integers")
     configure_logging("error")
-    uvloop.run(main(nums, a.seconds, a.rounds, a_modes, rate_ps, rate_burst, not a.paced_only, a.warmup))
+    uvloop.run(main(nums, a.seconds, a.rounds, a_modes, rate_ps, rate_burst, not a.paced_only, a.warmup,
+                     a.saturation_warmup))

@@ -316,10 +316,8 @@ class Budgets:
         if (day is None or month is None or amount > day.remaining or amount > month.remaining
                 or not day.covers(day_cap) or not month.covers(month_cap)):
             return None
-        day.remaining -= amount
-        day.last_ms = at
-        month.remaining -= amount
-        month.last_ms = at
+        day.take(amount, at, day_cap)  # (both covered: neither takes without the other)
+        month.take(amount, at, month_cap)
         return self._reserved(mine, amount)
 
     def _reservation(
