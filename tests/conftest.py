@@ -211,6 +211,7 @@ class Fleet:
                                       rates=await RateLimiter.open(djs) if self.cfg.limits != LimitsConfig() else None,
                                       budgets=await Budgets.open(djs, prefix) if self.budgets else None,
                                       tracing=self.worker_opts.get("tracing"),  # the workers get it too
+                                      progress=Progress(dnc, await ensure_bucket(djs)),
                                       ).serve(self.stop))
             for pool in self.pools:
                 wnc = await self._conn()

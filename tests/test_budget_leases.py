@@ -16,7 +16,6 @@ from router.providers.fakes import FakeOpenAI
 from router.routing import Selection, Source
 from schemas import Request, Target
 from workers import budget as budget_mod
-from workers import limits
 from workers.budget import BudgetRefused, Budgets, counter, subject
 from workers.publish import now_ms
 from workers.runtime import ensure_topology
@@ -128,37 +127,6 @@ async def test_a_request_handed_over_already_keeps_one_reservation(nc: NATS, dis
     await a.stop()
     await b.stop()
     assert await _used(nc, cfg, "lease-c") == 110_000
-
-
-class _Delivery:
-    """What workers/limits.py reads of a request's message: how often it was delivered."""
-
-    def __init__(self, num_delivered: int) -> None:
-        self.metadata = type("Metadata", (), {"num_delivered": num_delivered})()
-
-
-async def test_a_redelivery_the_budget_refuses_is_not_refused_when_it_was_handed_over_already(
-    nc: NATS, dispatchers: list[Budgets]
-) -> None:
-    cfg = _config(FakeOpenAI(), daily_usd=0.05)  # less than one reservation
-    budgets = dispatchers[0]
-    published = now_ms()
-    handed, never = _req("handed", "lease-d", 100), _req("never", "lease-d", 100)
-    # An earlier delivery handed `handed` over (its dispatcher then died before acking): the work item's id is taken.
-    await nc.jetstream().publish("llm.work.nopool", b"{}", headers={"Nats-Msg-Id": "lease-d:handed"})
-
-    async def admit(req: Request, delivered: int) -> limits.Held | limits.Admitted:
-        return await limits.admit(None, budgets, cfg, req, _Delivery(delivered), published,  # type: ignore[arg-type]
-                                  SELECTION, None)
-
-    with pytest.raises(BudgetRefused):  # a first delivery is refused as always
-        await admit(handed, 1)
-    assert await admit(handed, 2) == limits.Admitted(0.0, policy.limits_for(cfg, "lease-d", "default"))
-    with pytest.raises(BudgetRefused):  # never handed over: refused, and its probe was removed again
-        await admit(never, 2)
-    info = await nc.jetstream().stream_info("LLM_WORK", subjects_filter="llm.work.$handed")
-    assert not info.state.subjects
-    assert await _used(nc, cfg, "lease-d") == 0
 
 
 async def test_a_lowered_limit_is_checked_against_the_counter_before_a_slice_is_used_again(

@@ -434,21 +434,6 @@ class Budgets:
             return
         self._put_back(cfg, req, published_ms, held[0])
 
-    async def handed_over(self, req: Request) -> bool:
-        """Whether an earlier delivery of `req` handed it over to a pool (asked only of a redelivery its budget
-        would refuse: that delivery's reservation stands, and refusing now would follow the request's answer
-        with a second one). A probe with the hand-over's message id on `<prefix>.work.$handed` (a subject no
-        pool reads) is a duplicate exactly when the work item was published; a probe that is not one is
-        deleted again (it keeps the id, which is what the refusal that follows wants). Raises what NATS raises."""
-        probe = {"Nats-Msg-Id": f"{req.account}:{req.id}"}
-        ack = await self.js.publish(f"{self.prefix}.work.$handed", b"", headers=probe)
-        if ack.duplicate:
-            return True
-        with contextlib.suppress(Exception):  # (a secure fleet's dispatcher may not delete: the probe stays)
-            async with asyncio.timeout(2):
-                await self.js.delete_msg(ack.stream, ack.seq)
-        return False
-
     def handed_over_already(self, cfg: Config, req: Request, published_ms: int) -> None:
         """The work item's hand-over was a duplicate: an earlier delivery handed the request over (the dispatcher
         that did so died or could not ack), and that hand-over's reservation is the one its worker settles. A

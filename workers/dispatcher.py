@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 
 import structlog
@@ -16,9 +17,11 @@ from router.vitals import Vitals
 from schemas import (
     Attempt,
     CompletionEvent,
+    Error,
     InvalidMessage,
     Request,
     WorkItem,
+    decode_reply,
     decode_request,
     encode,
     peek_request,
@@ -29,6 +32,7 @@ from . import limits
 from .accounts import AccountRoutes
 from .budget import BudgetRefused, Budgets
 from .metrics import DispatcherMetrics
+from .progress import Progress
 from .publish import Publisher, PublishRefused, now_ms, prompt_fingerprint
 from .pull import serve_pull
 from .ratelimits import RateLimited, RateLimiter
@@ -71,6 +75,18 @@ class Refusal(SwitchyardError):
         self.attempts = attempts or []
 
 
+def _kept_refusal(data: bytes) -> SwitchyardError:
+    """The refusal `Progress.refusing` kept, to give again as it was (INTERNAL if it cannot be read)."""
+    try:
+        reply = decode_reply(data)
+    except Exception:
+        reply = None
+    if not isinstance(reply, Error):
+        return SwitchyardError(ErrorCode.INTERNAL,
+                               "this request was refused before, and that refusal could not be read")
+    return SwitchyardError.from_reply(reply)
+
+
 ACCOUNTS_START_S = 5.0
 """How long a dispatcher with account routes waits for their first read before it serves anyway."""
 
@@ -89,10 +105,14 @@ class Dispatcher:
         budgets: Budgets | None = None,
         metrics: DispatcherMetrics | None = None,
         tracing: Tracing | None = None,
+        progress: Progress | None = None,
     ) -> None:
         """`health` says which pools and providers can be called (default: all of them); `accounts`
         holds the accounts' own routes, followed while `serve` runs (default: none); `tracing` makes a span
-        per request (default: off, the producer's trace context is passed on as it came)."""
+        per request (default: off, the producer's trace context is passed on as it came); `progress` keeps
+        the refusals a redelivery must give again (workers/progress.py; default: none kept, a redelivery
+        decides anew)."""
+        self.progress = progress
         self.tracing = tracing or Tracing.off()
         self.js = js
         self.pub = pub
@@ -163,6 +183,12 @@ class Dispatcher:
         use_case, account = self._subject_tokens(msg.subject)
         req: Request | None = None
         try:
+            if self.progress is not None and msg.metadata.num_delivered > 1:
+                kept = await self.progress.refusal(msg.metadata.sequence.stream)
+                if kept is not None:  # refused before a dispatcher was lost: the same answer, decided once
+                    await self._refuse(msg, _kept_refusal(kept), None, use_case, account)
+                    await msg.term()
+                    return
             if use_case is None or account is None:
                 raise InvalidMessage(
                     f"subject {msg.subject[:200]!r} is not {self.prefix}.req.<use_case>.<account>"
@@ -216,12 +242,31 @@ class Dispatcher:
             err = SwitchyardError(ErrorCode.INVALID_REQUEST, str(exc))
             await self._refuse(msg, err, req, use_case, account, record=record)
             await msg.term()
-        except (Refusal, RateLimited) as exc:
-            await self._refuse(msg, exc, req, use_case, account)
+        except (Refusal, RateLimited, BudgetRefused) as exc:
+            if req is not None and msg.metadata.num_delivered > 1 and await self._handed_over(req):
+                # An earlier delivery handed the request over (its dispatcher died, or could not ack): its worker
+                # answers. Refusing now, on state that has changed since, would follow that answer with a second.
+                await msg.ack()
+                return
+            # Decided on state that changes (rates, budgets, health, the clock): kept, so a redelivery answers
+            # the same.
+            await self._refuse(msg, exc, req, use_case, account, keep=True)
             await msg.term()
-        except BudgetRefused as exc:
-            await self._refuse(msg, exc, req, use_case, account)
-            await msg.term()
+
+    async def _handed_over(self, req: Request) -> bool:
+        """Whether an earlier delivery of `req` handed it over to a pool: a probe with the hand-over's message id
+        on `<prefix>.work.$handed` (a subject no pool reads) is a duplicate exactly when the work item was
+        published within the duplicate window; a probe that is not one is deleted again (asked only before a
+        redelivery is refused, so an id it may leave behind is one no hand-over of this request will use).
+        Raises what NATS raises (the request is then delivered again)."""
+        ack = await self.pub.js.publish(f"{self.prefix}.work.$handed", b"",
+                                        headers={"Nats-Msg-Id": f"{req.account}:{req.id}"})
+        if ack.duplicate:
+            return True
+        with contextlib.suppress(Exception):  # (a secure fleet's dispatcher may not delete: the probe stays)
+            async with asyncio.timeout(2):
+                await self.pub.js.delete_msg(ack.stream, ack.seq)
+        return False
 
     async def give_up(self, msg: Msg, reason: str) -> None:
         """The pull loop's last resort: answer INTERNAL when a reply subject can be read, copy to the DLQ."""
@@ -250,15 +295,19 @@ class Dispatcher:
         account: str | None,
         *,
         record: bool = True,
+        keep: bool = False,
     ) -> None:
         """Answer when a reply subject can be read, copy to the DLQ (unless the refusal is a passing one the
-        producer heard), record the event (unless not `record`).
+        producer heard), record the event (unless not `record`). With `keep`, the answer is first kept for a
+        redelivery of the message (workers/progress.py; raises, with nothing sent, when it cannot be).
 
         Each step is tried on its own; raises only when neither the answer nor the copy went out, so
         that the caller leaves the message in the stream rather than lose it.
         """
         rid, reply_to = (req.id, req.reply_to) if req is not None else peek_request(msg.data, account or "")
         account = req.account if req is not None else account
+        if keep and self.progress is not None and rid is not None and reply_to is not None:
+            await self.progress.refusing(msg.metadata.sequence.stream, encode(err.to_reply(rid, 0)))
         log.warning("refused", request_id=rid, code=err.code.value, error=err.message[:500], subject=msg.subject[:200])
         self.tracing.failed(err.code.value)
         self.vitals.fail()

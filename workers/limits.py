@@ -13,6 +13,8 @@ it comes from the dispatcher's slice of the account's budget, and only taking a 
     one the account did send.
   - Either fails on NATS: nothing is given back. The pull loop delivers the request again; its
     reservation is then found (idempotent on the request id) and its rate asked again.
+  - A redelivery refused either way whose earlier delivery handed the request over is not refused: the
+    dispatcher finds the hand-over first (workers/dispatcher.py) and leaves the answer to its worker.
 - A request with `queue_ms` may be held for its booked turn, so it asks the rate first and reserves
   only once it is admitted: a reservation is not kept while it waits, and holds keep their order.
 - An account with no rate limit skips the rate state, one with no budget skips the reservation
@@ -72,18 +74,18 @@ async def admit(
         try:
             here = budgets.reserve_here(cfg, req, selection, published_ms, own, limits=budget)
         except BudgetRefused:
-            here = None  # decided again below, where a redelivery's earlier hand-over is looked for
+            here = None  # decided again below (and a redelivery's earlier hand-over looked for by the dispatcher)
         if here is not None:  # nor did the budget: nothing awaited
             return Admitted(here, budget)
-        return Admitted(await _reserve(budgets, cfg, req, msg, published_ms, selection, own, budget), budget)
+        return Admitted(await budgets.reserve(cfg, req, selection, published_ms, own, limits=budget), budget)
     if req.queue_ms:
         held = await rates.admit(req, msg, published_ms, cfg.limits, own)
         if held is not None:
             return Held(held)
-        return Admitted(await _reserve(budgets, cfg, req, msg, published_ms, selection, own, budget), budget)
+        return Admitted(await budgets.reserve(cfg, req, selection, published_ms, own, limits=budget), budget)
     rate, reserved = await asyncio.gather(
         rates.admit(req, msg, published_ms, cfg.limits, own),
-        _reserve(budgets, cfg, req, msg, published_ms, selection, own, budget),
+        budgets.reserve(cfg, req, selection, published_ms, own, limits=budget),
         return_exceptions=True,
     )
     if isinstance(rate, BaseException):
@@ -95,19 +97,3 @@ async def admit(
     if rate is not None:  # not asked to wait, but booked a moment ahead: kept, its redelivery finds it
         return Held(rate)
     return Admitted(reserved, budget)
-
-
-async def _reserve(
-    budgets: Budgets, cfg: Config, req: Request, msg: Msg, published_ms: int, selection: Selection,
-    own: AccountLimits | None, budget: BudgetLimits,
-) -> float:
-    """The reservation (workers/budget.py). A redelivery its budget refuses may have been handed over by its
-    earlier delivery (whose dispatcher died, or could not ack): then that delivery's reservation stands and
-    this one reserves nothing (0), and its hand-over is found to be a duplicate, rather than the request's
-    answer being followed by a refusal."""
-    try:
-        return await budgets.reserve(cfg, req, selection, published_ms, own, limits=budget)
-    except BudgetRefused:
-        if msg.metadata.num_delivered > 1 and await budgets.handed_over(req):
-            return 0.0
-        raise

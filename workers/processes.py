@@ -127,7 +127,8 @@ async def _run_dispatcher(
         dispatcher = Dispatcher(js, Publisher(nc, js, cfg.subject_prefix), cfg, accounts=account_routes(),
                                 metrics=metrics,
                                 tracing=tracing, health=health, rates=await RateLimiter.open(js),
-                                budgets=await Budgets.open(js, cfg.subject_prefix))
+                                budgets=await Budgets.open(js, cfg.subject_prefix),
+                                progress=Progress(nc, await ensure_bucket(js)))
         live.on_change(lambda new: setattr(dispatcher, "cfg", new))  # one assignment: a whole config at once
         dispatcher.metrics.follow_health(health, lambda: dispatcher.cfg)
         service = await admin.start(nc, dispatcher, cfg.subject_prefix)

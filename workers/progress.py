@@ -6,6 +6,10 @@ for an acknowledgement) and marks it done after its terminal reply. When JetStre
 the work item to another worker because the first was lost, that worker ends a started
 stream with an `error` instead of streaming a second, different answer, and does not call
 the provider again for a request that was already answered (streamed or not).
+
+A dispatcher keeps here, before it goes out, a refusal that a redelivery of the same request message
+might not give again (rate, budget, route): the redelivery answers the same, and never forwards a
+request already refused.
 """
 
 from __future__ import annotations
@@ -95,6 +99,20 @@ class Progress:
             return int(value)
         except ValueError:
             return 0
+
+    async def refusing(self, stream_seq: int, reply: bytes) -> None:
+        """Before a dispatcher's refusal of the request message `stream_seq` (of LLM_REQ) goes out, awaited: the
+        refusal (an encoded `error` reply) that a redelivery of that message gives again, rather than deciding
+        anew (a rate or a budget may admit it by then, and the producer would get a second terminal reply)."""
+        await self.kv.put(f"refused.{stream_seq}", reply)
+
+    async def refusal(self, stream_seq: int) -> bytes | None:
+        """The refusal `refusing` kept for the request message `stream_seq`, None when there is none."""
+        try:
+            entry = await self.kv.get(f"refused.{stream_seq}")
+        except KeyNotFoundError:
+            return None
+        return entry.value or None
 
     async def count_hold(self, stream_seq: int) -> None:
         """A work item goes back to the queue to wait for its provider: one more delivery that is not a
