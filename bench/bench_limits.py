@@ -53,7 +53,7 @@ from machine import describe  # bench/ is on sys.path when a bench runs
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import api as js_api
-from servers import start_nats  # bench/ is on sys.path when a bench runs
+from servers import nats_server  # bench/ is on sys.path when a bench runs
 
 from router import budget as budget_policy
 from router import config as config_mod
@@ -277,8 +277,7 @@ async def _in_turn(first: Callable[[Request], Awaitable[None]], second: Callable
 
 
 async def main(n: int, seconds: float, rounds: int, dispatcher_only: bool, modes: list[str], probe: bool) -> None:
-    url, proc = start_nats()
-    try:
+    with nats_server() as url:
         if not dispatcher_only and not probe:
             print("| mechanism | case | admissions/s | p50 ms | p99 ms | exactness | CAS conflicts |")
             print("|---|---|--:|--:|--:|---|--:|")
@@ -297,9 +296,6 @@ async def main(n: int, seconds: float, rounds: int, dispatcher_only: bool, modes
             for mode in modes:
                 sat, slow = await _dispatcher(url, mode, seconds)
                 print(f"| {mode} (round {rnd + 1}) | {sat} | {slow} |", flush=True)
-    finally:
-        proc.terminate()
-        proc.wait(10)
     print(f"\n{describe('nats-py', 'uvloop')}", file=sys.stderr)
 
 

@@ -37,7 +37,7 @@ import uuid
 import uvloop
 from hop import dispatcher_hop, pct  # bench/ is on sys.path when a bench runs
 from machine import describe  # bench/ is on sys.path when a bench runs
-from servers import start_nats  # bench/ is on sys.path when a bench runs
+from servers import nats_server  # bench/ is on sys.path when a bench runs
 
 from router import config as config_mod
 from router import ratelimit
@@ -111,8 +111,7 @@ async def _cell(url: str, mode: str, accounts: int, seconds: float, per_second: 
 
 async def main(accounts: list[int], seconds: float, rounds: int, modes: list[str], per_second: float,
                burst: int, saturate: bool, warmup: float, sat_warmup: float) -> None:
-    url, proc = start_nats()
-    try:
+    with nats_server() as url:
         print("| dispatcher limits | accounts | saturation (64 in flight) | 100 req/s open loop |")
         print("|---|--:|---|---|")
         for rnd in range(rounds):  # interleaved, so a burst of load from elsewhere does not hit one mode only
@@ -120,9 +119,6 @@ async def main(accounts: list[int], seconds: float, rounds: int, modes: list[str
                 for mode in modes:
                     row = await _cell(url, mode, n, seconds, per_second, burst, saturate, warmup, sat_warmup)
                     print(row.replace(f"| {mode} |", f"| {mode} (round {rnd + 1}) |", 1), flush=True)
-    finally:
-        proc.terminate()
-        proc.wait(10)
     print(f"\n{describe('nats-py', 'uvloop')}", file=sys.stderr)
 
 

@@ -25,7 +25,7 @@ import msgspec
 import nats
 import uvloop
 from machine import describe  # bench/ is on sys.path when a bench runs
-from servers import start_nats  # bench/ is on sys.path when a bench runs
+from servers import nats_server  # bench/ is on sys.path when a bench runs
 
 from router import config as config_mod
 from workers.budget import Budgets
@@ -94,17 +94,13 @@ async def _flood(url: str, kind: str, keep: bool, n: int) -> tuple[float, float]
 
 
 async def main(kind: str, n: int, rounds: int) -> None:
-    url, proc = start_nats()
-    try:
+    with nats_server() as url:
         print(f"| {kind} refusals | refusals/s | µs CPU per refusal |")
         print("|---|--:|--:|")
         for rnd in range(rounds):
             for keep in (False, True):
                 rps, us = await _flood(url, kind, keep, n)
                 print(f"| {'kept' if keep else 'not kept'} (round {rnd + 1}) | {rps:,.0f} | {us:.0f} |", flush=True)
-    finally:
-        proc.terminate()
-        proc.wait(10)
     print(f"\n{describe('nats-py', 'uvloop')}", file=sys.stderr)
 
 

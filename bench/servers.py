@@ -7,6 +7,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -25,3 +27,14 @@ def start_nats() -> tuple[str, subprocess.Popen[bytes]]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.4)
     return f"nats://127.0.0.1:{port}", proc
+
+
+@contextmanager
+def nats_server() -> Iterator[str]:
+    """`start_nats` for the `with` block: its URL, and the server stopped when the block ends."""
+    url, proc = start_nats()
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
