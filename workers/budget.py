@@ -195,6 +195,24 @@ class BudgetRefused(SwitchyardError):
 
 _KINDS: tuple[policy.PeriodKind, policy.PeriodKind] = ("day", "month")
 
+COUNTERS_KEPT = 16_384
+"""How many accounts' `_Counters` a dispatcher keeps (all of them are dropped when more come: rebuilt on use)."""
+
+
+class _Counters:
+    """An account's `used` counter subjects in the periods `per`, and the caps of `limits` in micro-dollars."""
+
+    __slots__ = ("day", "day_cap", "limits", "month", "month_cap", "per")
+
+    def __init__(self, per: policy.Periods, limits: BudgetLimits, day: str, month: str, day_cap: int | None,
+                 month_cap: int | None) -> None:
+        self.per = per
+        self.limits = limits
+        self.day = day
+        self.month = month
+        self.day_cap = day_cap
+        self.month_cap = month_cap
+
 
 class Budgets:
     """Reservations from leased slices (dispatcher), settlements and alerts (worker) for one process."""
@@ -208,7 +226,9 @@ class Budgets:
         self._locks: dict[str, asyncio.Lock] = {}
         self._held: OrderedDict[str, tuple[int, bool]] = OrderedDict()
         """Reservations made here, by `<account> <request id>`, so that a redelivery to this process finds its own:
-        the amount, and whether a later delivery found it."""
+        the amount, and whether a later delivery found it; oldest first."""
+        self._counters: dict[str, _Counters] = {}
+        """Per account, the `used` counters and caps its latest reservation here took from (`_account`)."""
         self._back: list[tuple[str, int, str]] = []
         """Give-backs (subject, amount, message id) that did not go out yet: tried again, idempotently."""
         self._sweeper: asyncio.Task[None] | None = None
@@ -279,9 +299,10 @@ class Budgets:
         ready = self._reservation(cfg, req, selection, published_ms, own, limits)
         if isinstance(ready, float):
             return ready
-        amount, (day, month), (day_cap, month_cap), at, mine = ready
-        used: dict[policy.PeriodKind, str] = {"day": day, "month": month}
-        caps: dict[policy.PeriodKind, int | None] = {"day": day_cap, "month": month_cap}
+        amount, acct, mine = ready
+        at = now_ms()
+        used: dict[policy.PeriodKind, str] = {"day": acct.day, "month": acct.month}
+        caps: dict[policy.PeriodKind, int | None] = {"day": acct.day_cap, "month": acct.month_cap}
         short = [k for k in _KINDS if not self.slices.take(used[k], amount, at, caps[k])]
         if short:
             got = await asyncio.gather(*(self._lease(used[k], caps[k], amount) for k in short),
@@ -310,23 +331,41 @@ class Budgets:
         ready = self._reservation(cfg, req, selection, published_ms, own, limits)
         if isinstance(ready, float):
             return ready
-        amount, (day_key, month_key), (day_cap, month_cap), at, mine = ready
+        amount, acct, mine = ready
         held = self.slices.held
-        day, month = held.get(day_key), held.get(month_key)
+        day, month = held.get(acct.day), held.get(acct.month)
         if (day is None or month is None or amount > day.remaining or amount > month.remaining
-                or not day.covers(day_cap) or not month.covers(month_cap)):
+                or not day.covers(acct.day_cap) or not month.covers(acct.month_cap)):
             return None
-        day.take(amount, at, day_cap)  # (both covered: neither takes without the other)
-        month.take(amount, at, month_cap)
+        at = now_ms()
+        day.remaining -= amount  # (both covered: neither takes without the other; `Slice.take`, inline)
+        day.last_ms = at
+        month.remaining -= amount
+        month.last_ms = at
         return self._reserved(mine, amount)
+
+    def _account(self, account: str, per: policy.Periods, limits: BudgetLimits) -> _Counters:
+        """The `used` counters and caps of `account` in the periods `per` under `limits` (kept per account: asked
+        per request)."""
+        got = self._counters.get(account)
+        if got is not None and got.limits is limits and (got.per is per or got.per == per):
+            got.per = per
+            return got
+        day, month = _used_subjects(self.prefix, account, per.day, per.month)
+        day_cap, month_cap = policy.caps(limits)
+        got = _Counters(per, limits, day, month, day_cap, month_cap)
+        if len(self._counters) >= COUNTERS_KEPT:
+            self._counters.clear()  # (rebuilt by the accounts that come next)
+        self._counters[account] = got
+        return got
 
     def _reservation(
         self, cfg: Config, req: Request, selection: Selection, published_ms: int, own: AccountLimits | None,
         limits: BudgetLimits | None,
-    ) -> float | tuple[int, tuple[str, str], tuple[int | None, int | None], int, str]:
+    ) -> float | tuple[int, _Counters, str]:
         """What a reservation needs before it takes from the slices: the USD when it is decided already (0:
-        nothing to reserve; a redelivery's earlier reservation), else (micro-dollars, the `used` subjects and
-        the caps of the day and the month, now, the key of `_held`). Raises BudgetRefused for a chain with a
+        nothing to reserve; a redelivery's earlier reservation), else (micro-dollars, the account's `used`
+        counters and caps, the key of `_held`). Raises BudgetRefused for a chain with a
         target without a price."""
         limits = limits or policy.limits_for(cfg, req.account, req.tier, own)
         if limits is None:
@@ -339,21 +378,25 @@ class Budgets:
             return 0.0
         mine = f"{req.account} {req.id}"
         if (earlier := self._held.get(mine)) is not None:  # delivered here again: what it reserved then
-            self._held[mine] = (earlier[0], True)
-            self._held.move_to_end(mine)
-            return policy.usd(earlier[0])
+            return self._found(mine, earlier[0])
         self._timezone = cfg.limits.timezone
-        per = policy.periods(published_ms, cfg.limits.timezone)
-        used = _used_subjects(self.prefix, req.account, per.day, per.month)
-        return amount, used, policy.caps(limits), now_ms(), mine
+        return amount, self._account(req.account, policy.periods(published_ms, cfg.limits.timezone), limits), mine
+
+    def _found(self, mine: str, amount: int) -> float:
+        """A reservation made here before, found by a later delivery of its request: marked found, in USD."""
+        self._held[mine] = (amount, True)
+        self._held.move_to_end(mine)
+        return policy.usd(amount)
 
     def _reserved(self, mine: str, amount: int) -> float:
         """Remember a reservation made here (for a redelivery of its request) and return it in USD."""
-        self._held[mine] = (amount, False)
-        if len(self._held) > HELD_MAX:
-            self._held.popitem(last=False)
-        self._ensure_sweeper()
-        return policy.usd(amount)
+        held = self._held
+        held[mine] = (amount, False)
+        if len(held) > HELD_MAX:
+            held.popitem(last=False)  # the oldest
+        if self._sweeper is None or self._sweeper.done():
+            self._ensure_sweeper()
+        return amount / policy.MICROS
 
     async def _lease(self, subj: str, cap: int | None, amount: int) -> bool | int:
         """Reserve `amount` for one request from what is left of this dispatcher's slice of `subj` and a new
