@@ -205,8 +205,8 @@ class Lease(msgspec.Struct, kw_only=True):
     def use(self, limit: RateLimit, now_us: int) -> bool:
         """Spend one leased token at `now_us`; False (nothing spent) when none is left, the lease has
         expired, or the account's limit is no longer the one it was taken under."""
-        if self.left <= 0 or now_us > self.until_us or not (self.limit is limit or self.limit == limit):
-            return False  # (`usable`, inline: asked per request)
+        if not self.usable(limit, now_us):
+            return False
         self.left -= 1
         if 0 < self.last_us < now_us:
             self.gap_us = now_us - self.last_us
