@@ -37,6 +37,7 @@ async def _one_refused_then_redelivered(
     await ensure_topology(js, refusing)
     await js.purge_stream("LLM_REQ")
     await js.purge_stream("LLM_WORK")
+    await js.purge_stream("LLM_DLQ")
     budgets = await Budgets.open(js, "llm")
     dispatcher = Dispatcher(js, Publisher(nc, js, "llm"), refusing, budgets=budgets,
                             progress=Progress(nc, await ensure_bucket(js)) if progress else None)
@@ -80,6 +81,12 @@ async def _one_refused_then_redelivered(
         await nc.flush()
         await asyncio.sleep(0.3)
         assert (await js.stream_info("LLM_REQ")).state.messages == 0  # terminated: nothing left to redeliver
+        if progress and items == []:  # refused twice, the same refusal: counted once
+            refusals = dispatcher.metrics.registry.get_sample_value(
+                "switchyard_dispatcher_refusals_total", {"use_case": "draft", "code": "BUDGET_EXCEEDED"})
+            assert refusals == 1
+            dlq = await js.stream_info("LLM_DLQ")
+            assert dlq.state.messages == 1  # one dead-letter copy: the second is the same message id
     finally:
         await sub.unsubscribe()
         await budgets.stop()

@@ -186,7 +186,7 @@ class Dispatcher:
             if self.progress is not None and msg.metadata.num_delivered > 1:
                 kept = await self.progress.refusal(msg.metadata.sequence.stream)
                 if kept is not None:  # refused before a dispatcher was lost: the same answer, decided once
-                    await self._refuse(msg, _kept_refusal(kept), None, use_case, account)
+                    await self._refuse(msg, _kept_refusal(kept), None, use_case, account, again=True)
                     await msg.term()
                     return
             if use_case is None or account is None:
@@ -296,10 +296,13 @@ class Dispatcher:
         *,
         record: bool = True,
         keep: bool = False,
+        again: bool = False,
     ) -> None:
         """Answer when a reply subject can be read, copy to the DLQ (unless the refusal is a passing one the
         producer heard), record the event (unless not `record`). With `keep`, the answer is first kept for a
-        redelivery of the message (workers/progress.py; raises, with nothing sent, when it cannot be).
+        redelivery of the message (workers/progress.py; raises, with nothing sent, when it cannot be). `again`:
+        the kept refusal of an earlier delivery, given again (its copy and event are the same messages, which
+        their streams drop as duplicates; it is not counted a second time).
 
         Each step is tried on its own; raises only when neither the answer nor the copy went out, so
         that the caller leaves the message in the stream rather than lose it.
@@ -310,7 +313,8 @@ class Dispatcher:
             await self.progress.refusing(msg.metadata.sequence.stream, encode(err.to_reply(rid, 0)))
         log.warning("refused", request_id=rid, code=err.code.value, error=err.message[:500], subject=msg.subject[:200])
         self.tracing.failed(err.code.value)
-        self.vitals.fail()
+        if not again:
+            self.vitals.fail()
         answered = copied = False
         if rid is not None and reply_to is not None:
             try:
@@ -330,7 +334,8 @@ class Dispatcher:
                 log.warning("dead_letter_failed", request_id=rid, error=repr(exc))
         if not (answered or copied):
             raise RuntimeError("neither the refusal nor its dead-letter copy could be published")
-        self.metrics.refused(self.cfg, (req.use_case if req is not None else None) or use_case, err.code.value)
+        if not again:
+            self.metrics.refused(self.cfg, (req.use_case if req is not None else None) or use_case, err.code.value)
         if record and rid is not None and account is not None and id_problem(rid) is None:
             try:
                 event = self._refusal_event(err, rid, req, use_case, account)
