@@ -15,17 +15,20 @@ request that asked with the first and the account's next `k − 1` requests loca
 only until `V` after the debit (`lease_validity_us`). The size is adaptive and keeps the limit exact
 where it matters: `k = 1` (no lease) unless at least half the burst is available, and `k` ≤ burst / 4
 (`lease_cap`), so `per_second × V` ≤ burst / 4. A replica may also take its next lease *ahead of
-need*, right after a request left it without a token (`refill_size`, `Lease.ahead`): a decision no
-request waits for, whose `k` tokens are all left for the account's next requests, under the same
-rules (half the burst available, at most `lease_cap`, valid for `V`). It may also take it while the lease
-still has tokens, when the lease will expire before the account's next request is due (`Lease.renew_due`:
-the account's latest spacing on the replica, at most `V`, is longer than what is left of the validity):
-the new lease replaces the old one, whose unused tokens are lost. A leased token is spent when it
-is debited, so the debits keep the bucket's exact shape; only its use may come up to `V` later. Over
+need*, once a request left it with no more tokens than its low-water mark (`low_water`: a quarter of
+them; for a one-token lease, none) (`refill_size`, `Lease.ahead`): a decision no request waits for, whose
+`k` tokens are all left for the account's next requests, under the same rules (half the burst available,
+at most `lease_cap`, valid for `V`). It may also take it when the lease will expire before the account's
+next request is due (`Lease.renew_due`: the account's latest spacing on the replica, at most `V`, is longer
+than what is left of the validity). While the lease has usable tokens the new one follows it
+(`Lease.next`, used once the lease's tokens are used up or expired) and takes at most `lease_cap` minus
+the lease's tokens left, so that a replica holds at most `lease_cap` unused tokens of an account. A
+leased token is spent when it is debited, so the debits keep the bucket's exact shape; only its use may
+come up to `V` later. Over
 any window of `W` seconds the admissions are therefore at most what the exact limiter allows over
 `W + V`: `burst + per_second × W + ⌊burst / 4⌋`, and at most `burst + per_second × W + Σ left` over
-the unused tokens of the replicas' live leases when the window begins (one lease per account per
-replica, so at most `lease_cap` each). Unused leased tokens are lost (erring on refusing).
+the unused tokens of the replicas' live leases when the window begins (a lease and the one that follows
+it per account per replica, at most `lease_cap` tokens together). Unused leased tokens are lost (erring on refusing).
 
 Everything here is pure: the clock is a parameter, and the shared copy of the state lives in
 workers/ratelimits.py.
@@ -175,6 +178,11 @@ class Lease(msgspec.Struct, kw_only=True):
     none of its tokens is used, before it (0: none it remembers)."""
     gap_us: int = 0
     """The time between the last two requests of the account this replica admitted (0: not known)."""
+    low: int = 0
+    """Its low-water mark (`low_water`): once no more tokens than this are left, the next lease is taken ahead."""
+    next: Lease | None = None
+    """The account's next lease, taken ahead while this one still had tokens: used once this one has none
+    left or has expired (`then`). Its size keeps this one's `left` and its own within `lease_cap`."""
 
     @classmethod
     def taken(cls, limit: RateLimit, size: int, now_us: int, prior_us: int = 0) -> Lease:
@@ -183,7 +191,8 @@ class Lease(msgspec.Struct, kw_only=True):
         its previous lease of the account)."""
         gap = now_us - prior_us if 0 < prior_us < now_us else 0
         return cls(limit=limit, size=size, left=size - 1, taken_us=now_us,
-                   until_us=now_us + lease_validity_us(limit), prior_us=prior_us, last_us=now_us, gap_us=gap)
+                   until_us=now_us + lease_validity_us(limit), prior_us=prior_us, last_us=now_us, gap_us=gap,
+                   low=low_water(size))
 
     @classmethod
     def taken_ahead(cls, limit: RateLimit, size: int, now_us: int, after: Lease | None = None) -> Lease:
@@ -191,7 +200,16 @@ class Lease(msgspec.Struct, kw_only=True):
         the lease it follows, whose record of the account's requests it keeps."""
         return cls(limit=limit, size=size, left=size, taken_us=now_us, until_us=now_us + lease_validity_us(limit),
                    ahead=True, last_us=after.last_us if after is not None else 0,
-                   gap_us=after.gap_us if after is not None else 0)
+                   gap_us=after.gap_us if after is not None else 0, low=low_water(size))
+
+    def then(self) -> Lease | None:
+        """The lease that follows this one once it serves no more (`next`, with this one's record of the
+        account's requests, which kept growing while `next` waited), or None."""
+        nxt = self.next
+        if nxt is not None:
+            nxt.last_us = max(nxt.last_us, self.last_us)
+            nxt.gap_us = self.gap_us or nxt.gap_us
+        return nxt
 
     def latest_us(self) -> int:
         """When the replica last admitted a request of the account, as far as this lease knows (its debit
@@ -250,6 +268,16 @@ class Lease(msgspec.Struct, kw_only=True):
             return 1 if self.prior_us == 0 or self.taken_us - self.prior_us <= validity else 0
         after = self.size - self.left - (0 if self.ahead else 1)
         return max(1, min(2 * self.size, after * validity // max(1, now_us - self.taken_us)))
+
+
+LOW_WATER_SHARE = 4
+"""A lease's next one is taken ahead once no more than size // LOW_WATER_SHARE of its tokens are left (at least
+at its last one): the account's requests that come during the refill's round trip still find a token."""
+
+
+def low_water(size: int) -> int:
+    """How few tokens left of a lease of `size` start its next one ahead of need (0: once none is left)."""
+    return size // LOW_WATER_SHARE if size > 1 else 0
 
 
 def refill_size(state: RateState, limit: RateLimit, now_us: int, wanted: int) -> int:

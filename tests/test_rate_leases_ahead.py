@@ -157,3 +157,39 @@ async def test_after_a_burst_a_paced_account_is_served_from_leases_renewed_befor
     # tokens (it would have expired before the request came), with no compare-and-set of its own.
     assert limiter.local - local == 9 and limiter.from_ahead >= 9
     assert await _writes(nc) - before == 1 + (limiter.ahead - ahead)
+
+
+async def _steady_misses(limiter: RateLimiter, account: str, limit: RateLimit) -> tuple[int, int]:
+    """An account at a steady ~400/s on one replica, through the dispatcher's fast path: how many of its first
+    300 and of its next 300 requests found no leased token (and were decided by `decide` instead)."""
+    req = _request(account)
+    misses = [0, 0]
+    for i in range(600):
+        if not limiter.admitted_now_under(req, limit):
+            misses[i // 300] += 1
+            assert (await limiter.decide(account, limit, now_us())).admitted
+        await asyncio.sleep(0.002)
+    return misses[0], misses[1]
+
+
+async def test_a_lease_running_low_is_followed_by_the_next_before_its_last_token(
+    nc: NATS, limiter: RateLimiter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from router import ratelimit
+    from workers import ratelimits
+
+    monkeypatch.setattr(ratelimits, "REFILL_DELAY_S", 0.02)  # refills that take their time: 20 ms and a round trip
+    limit = RateLimit(per_second=1000, burst=2000)  # leases of up to 500 tokens, valid 0.5 s
+    # Once its leases have grown to its pace, the account's requests always find a token: the next lease is
+    # taken while a quarter of the current one is left (tens of ms of this account's requests), and it
+    # follows that lease instead of replacing it, so no token is lost.
+    _, steady = await _steady_misses(limiter, "low-water", limit)
+    await limiter.quiet()
+    assert steady == 0
+    held = limiter._leases["a.low-water"]
+    assert held.left + (held.next.left if held.next is not None else 0) <= ratelimit.lease_cap(limit)
+    # What it spares: the next lease taken only once the last token is used, requests that come before it
+    # lands find none.
+    monkeypatch.setattr(ratelimit, "LOW_WATER_SHARE", 10**9)
+    _, steady = await _steady_misses(limiter, "at-the-last-token", limit)
+    assert steady > 0

@@ -145,11 +145,13 @@ def test_estimated_tokens_are_the_prompt_plus_the_answer() -> None:
 
 
 class Trace:
-    """What `simulate` saw besides the admissions: the refills ahead of need (time, replica, size), and
+    """What `simulate` saw besides the admissions: the refills ahead of need (time, replica, size), what the
+    replica then held (time, replica, its usable tokens of both leases, when the first of them expire), and
     the unused leased tokens the replicas held, still valid, when each arrival's moment began."""
 
     def __init__(self) -> None:
         self.refills: list[tuple[int, int, int]] = []
+        self.holding: list[tuple[int, int, int, int]] = []
         self.held: dict[int, int] = {}
 
 
@@ -159,16 +161,23 @@ def simulate(
     """Replicas sharing one account's state as workers/ratelimits.py does (one shared state, a lease per
     replica), on a fake clock: (time, replica, tokens its decision took; 0 for a local admission) for
     each admitted arrival (time, replica), in order. The replicas in `ahead` take their next lease ahead
-    of need, at the moment an admission left them without a token (or with a lease that expires before the
-    account's next request is due, `Lease.renew_due`: the new lease replaces it), before the next arrival."""
+    of need, once an admission left them with no more tokens than the lease's low-water mark (or with a
+    lease that expires before the account's next request is due, `Lease.renew_due`), before the next
+    arrival: it follows the lease while that one has usable tokens (`Lease.next`, sized so that both stay
+    within `lease_cap`), else it replaces it."""
     state = RateState()
     leases: dict[int, Lease] = {}
     out = []
     trace = trace if trace is not None else Trace()
     for t, replica in arrivals:
-        trace.held.setdefault(t, sum(held.left for held in leases.values() if held.usable(limit, t)))
+        trace.held.setdefault(t, sum(_unused(held, limit, t) for held in leases.values()))
         last = leases.get(replica)
-        if last is not None and last.use(limit, t):
+        spent = last is not None and last.use(limit, t)
+        if last is not None and not spent and (nxt := last.then()) is not None:
+            last = leases[replica] = nxt
+            spent = nxt.use(limit, t)
+        if spent:
+            assert last is not None
             out.append((t, replica, 0))
         else:
             d, take = decide_leasing(state, limit, t, last)
@@ -177,15 +186,29 @@ def simulate(
             state = d.state
             last = leases[replica] = Lease.taken(limit, take, t, last.latest_us() if last is not None else 0)
             out.append((t, replica, take))
-        if replica in ahead and (last.left == 0 or last.renew_due(t)):
-            size = refill_size(state, limit, t, last.wanted_ahead(limit, t))
-            if size:
+        if replica in ahead and last.next is None and (last.left <= last.low or last.renew_due(t)):
+            wanted = last.wanted_ahead(limit, t)
+            keep = last if last.usable(limit, t) else None
+            size = min(refill_size(state, limit, t, wanted), lease_cap(limit) - keep.left if keep else wanted)
+            if size > 0:
                 refill = decide(state, limit, t, take=size)
                 assert refill.admitted  # half the burst is there, and a lease is at most a quarter of it
                 state = refill.state
-                leases[replica] = Lease.taken_ahead(limit, size, t, last)
+                taken = Lease.taken_ahead(limit, size, t, last)
+                if keep is not None:
+                    keep.next = taken
+                else:
+                    leases[replica] = taken
                 trace.refills.append((t, replica, size))
+                first = keep if keep is not None else taken
+                trace.holding.append((t, replica, _unused(first, limit, t), first.until_us))
     return out
+
+
+def _unused(held: Lease, limit: RateLimit, t: int) -> int:
+    """The tokens of a replica's lease, and of the lease that follows it, still usable at `t`."""
+    nxt = held.next
+    return (held.left if held.usable(limit, t) else 0) + (_unused(nxt, limit, t) if nxt is not None else 0)
 
 
 def worst_excess(limit: RateLimit, times_us: list[int], held: dict[int, int] | None = None) -> float:
@@ -408,14 +431,13 @@ def test_a_lease_that_would_expire_before_the_accounts_next_request_is_renewed_a
 
 
 def late_refill_arrivals(limit: RateLimit, base_us: int) -> list[tuple[int, int]]:
-    """`late_use_arrivals` for replicas that refill ahead: replica 0 at a steady 10/s refills up to the
-    cap; that refill's tokens are then all used at its last valid moment, when replica 1 takes all the
-    bucket has refilled."""
+    """`late_use_arrivals` for replicas that refill ahead: replica 0 at a steady 10/s refills until it holds
+    the cap (the rest of its lease and the next one); those tokens are then all used at the last moment
+    they are all valid, when replica 1 takes all the bucket has refilled."""
     warm = [(base_us + i * 100_000, 0) for i in range(40)]
     trace = Trace()
     simulate(limit, warm, {0}, trace)
-    ta = next(t for t, _, size in trace.refills if size == lease_cap(limit))
-    until = ta + lease_validity_us(limit)
+    ta, until = next((t, end) for t, _, held, end in trace.holding if held == lease_cap(limit))
     return [a for a in warm if a[0] <= ta] + [(until, 0)] * lease_cap(limit) + [(until, 1)] * 50
 
 
@@ -428,5 +450,7 @@ def test_a_late_used_refill_stays_within_the_bound() -> None:
     assert sum(1 for t, r, k in out if t == until and r == 0 and k == 0) == lease_cap(limit)
     assert worst_excess(limit, [t for t, _, _ in out]) <= lease_cap(limit)
     assert worst_excess(limit, [t for t, _, _ in out], trace.held) <= 0
-    out = simulate(limit, [(t + 1, r) if t == until else (t, r) for t, r in arrivals], {0, 1})
-    assert sum(1 for t, r, k in out if t == until + 1 and r == 0 and k == 0) < lease_cap(limit)  # expired
+    trace = Trace()
+    out = simulate(limit, [(t + 1, r) if t == until else (t, r) for t, r in arrivals], {0, 1}, trace)
+    assert trace.held[until + 1] < lease_cap(limit)  # a moment later the older lease's tokens have expired
+    assert worst_excess(limit, [t for t, _, _ in out], trace.held) <= 0

@@ -23,15 +23,17 @@ requests of that account on this replica are admitted from them with no round tr
 or expire (`lease_validity_us`). The lease's size follows the account's recent rate on this replica
 (from 1, doubling while a lease is used up within its validity).
 
-A replica takes an account's next lease ahead of need: right after a request left its lease of the
-account without a token (the last one used, or a request admitted by its own one-token decision), a
-background task takes the next one in the account's turn (starting `REFILL_DELAY_S` later, so that its
-compare-and-set does not compete with the hand-over of the request that started it), so the account's
-next request here finds a token waiting instead of awaiting a compare-and-set. It does the same when a
-request used a token of a lease that will expire before the account's next request is due here (its
-latest spacing, if within a validity, is longer than what is left of the lease's: `Lease.renew_due`), as
-after a burst, when a large lease's tokens would expire unused one request before the account's pace
-here catches up: the new lease replaces the old one, whose unused tokens are lost. At most one such refill
+A replica takes an account's next lease ahead of need: once a request left its lease of the account with
+no more tokens than its low-water mark (a quarter of them; the last one, or a request admitted by its own
+one-token decision, for a lease of one), a background task takes the next one in the account's turn
+(starting `REFILL_DELAY_S` later, so that its compare-and-set does not compete with the hand-over of the
+request that started it), so the account's next requests here keep finding a token instead of awaiting a
+compare-and-set. It does the same when a request used a token of a lease that will expire before the
+account's next request is due here (its latest spacing, if within a validity, is longer than what is left
+of the lease's: `Lease.renew_due`), as after a burst, when a large lease's tokens would expire unused one
+request before the account's pace here catches up. While the lease has usable tokens, the new one follows
+it (`Lease.next`: used once the lease's are used up or expired) and is sized so that the two hold at most
+`lease_cap` tokens; otherwise it takes the lease's place. At most one such refill
 is in flight per account (requests that come while it runs wait for it, then use its tokens), only for
 accounts in the lease LRU, and only while at least half the burst is available
 (`ratelimit.refill_size`): near its limit an account is decided one request at a time, exactly, as
@@ -247,12 +249,23 @@ class RateLimiter:
             return False
         now = now_us()
         if not held.use(limit, now):
-            return False
+            held = self._then(key, held, limit, now)
+            if held is None:
+                return False
         self.local += 1
         self.from_ahead += held.ahead
-        if held.left <= 0 or held.renew_due(now):
+        if (held.left <= held.low or held.renew_due(now)) and held.next is None:
             self._ahead_of_need(key, limit, now)
         return True
+
+    def _then(self, key: str, held: Lease, limit: RateLimit, now: int) -> Lease | None:
+        """The lease after `held` (which has no usable token) in its place, with a token spent at `now`;
+        None when there is none, or it has no usable token either."""
+        nxt = held.then()
+        if nxt is None:
+            return None
+        self._leases[key] = nxt
+        return nxt if nxt.use(limit, now) else None
 
     async def admit(
         self, req: Request, msg: Msg, published_ms: int, limits: LimitsConfig, own: AccountLimits | None = None
@@ -357,8 +370,12 @@ class RateLimiter:
         """An admission from this replica's lease of `key`'s tokens, None when it has no usable token."""
         held = self._leases.get(key)
         now = max(now, now_us())
-        if held is None or not held.use(limit, now):
+        if held is None:
             return None
+        if not held.use(limit, now):
+            held = self._then(key, held, limit, now)
+            if held is None:
+                return None
         self.local += 1
         self.from_ahead += held.ahead
         cached = self._cache.get(key)
@@ -391,10 +408,11 @@ class RateLimiter:
                 del self._turns[key]
 
     def _ahead_of_need(self, key: str, limit: RateLimit, now: int) -> None:
-        """Start the refill of `key`'s lease when a request left it without a token, or it will expire before
-        the account's next request (see the module doc)."""
+        """Start the refill of `key`'s lease when a request left it at its low-water mark, or it will expire
+        before the account's next request, unless its next lease is there already (see the module doc)."""
         held = self._leases.get(key)
-        if held is None or self._closed or (held.left > 0 and not held.renew_due(now)):
+        if (held is None or self._closed or held.next is not None
+                or (held.left > held.low and not held.renew_due(now))):
             return
         running = self._refills.get(key)
         if key in self._due or (running is not None and not running.done()):
@@ -423,12 +441,16 @@ class RateLimiter:
         if held is not None and held is not replacing and held.usable(limit, now):
             return  # a request took a lease with tokens left while this refill waited its turn
         wanted = held.wanted_ahead(limit, now) if held is not None else 1
+        # While its tokens last, the lease stays and the new one follows it (`Lease.next`): its size keeps the
+        # tokens this replica holds of the account within `lease_cap`, as one lease would.
+        keep = held if held is not None and held.next is None and held.usable(limit, now) else None
+        room = ratelimit.lease_cap(limit) - keep.left if keep is not None else wanted
         cached = self._cache.get(key)
         state, rev = cached if cached is not None else await self._read(key)
         now = max(now, now_us())
         for _ in range(_REFILL_TRIES):
-            size = ratelimit.refill_size(state, limit, now, wanted)
-            if size == 0:
+            size = min(ratelimit.refill_size(state, limit, now, wanted), room)
+            if size <= 0:
                 return
             decision = ratelimit.decide(state, limit, now, take=size)
             if not decision.admitted:
@@ -436,7 +458,11 @@ class RateLimiter:
             seq = await self._store(key, decision.state, rev, now)
             if seq is not None:
                 self._remember(key, decision.state, seq)
-                self._lease(key, Lease.taken_ahead(limit, size, decision.at_us, held))
+                taken = Lease.taken_ahead(limit, size, decision.at_us, held)
+                if keep is not None and self._leases.get(key) is keep:
+                    keep.next = taken
+                else:
+                    self._lease(key, taken)
                 self.ahead += 1
                 return
             state, rev = await self._read(key)
