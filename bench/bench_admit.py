@@ -18,11 +18,11 @@ import uuid
 import msgspec
 import nats
 import uvloop
+from hop import limits_config  # bench/ is on sys.path when a bench runs
 from machine import describe  # bench/ is on sys.path when a bench runs
 from nats.aio.msg import Msg
 from servers import nats_server  # bench/ is on sys.path when a bench runs
 
-from router import config as config_mod
 from router.routing import AlwaysHealthy, select
 from schemas import decode_request
 from workers import limits
@@ -32,18 +32,8 @@ from workers.ratelimits import RateLimiter
 from workers.runtime import configure_logging, ensure_topology
 
 
-def _config() -> config_mod.Config:
-    return config_mod.from_mapping({
-        "providers": {"openai": {"format": "openai", "base_url": "http://127.0.0.1:9/v1"}},
-        "pools": {"openai": {"provider": "openai", "concurrency": 64}},
-        "routes": {"draft": {"default": ["openai:gpt-4o-mini"]}},
-        "limits": {"default": {"rate": {"per_second": 1_000_000, "burst": 1_000_000},
-                               "budget": {"daily_usd": 1e9, "monthly_usd": 1e9}}},
-    })
-
-
 async def main(n: int, accounts: int, rounds: int) -> None:
-    cfg = _config()
+    cfg = limits_config(1_000_000, 1_000_000)
     with nats_server() as url:
         nc = await nats.connect(url)
         try:

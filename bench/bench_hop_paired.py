@@ -28,29 +28,19 @@ import uuid
 from pathlib import Path
 
 import uvloop
-from hop import dispatcher_hop  # bench/ is on sys.path when a bench runs
+from hop import dispatcher_hop, limits_config  # bench/ is on sys.path when a bench runs
 from machine import describe  # bench/ is on sys.path when a bench runs
 from servers import nats_server  # bench/ is on sys.path when a bench runs
 
-from router import config as config_mod
 from workers.runtime import configure_logging
-
-
-def _config(per_second: float, burst: int) -> config_mod.Config:
-    return config_mod.from_mapping({
-        "providers": {"openai": {"format": "openai", "base_url": "http://127.0.0.1:9/v1"}},
-        "pools": {"openai": {"provider": "openai", "concurrency": 64}},
-        "routes": {"draft": {"default": ["openai:gpt-4o-mini"]}},
-        "limits": {"default": {"rate": {"per_second": per_second, "burst": burst},
-                               "budget": {"daily_usd": 1e9, "monthly_usd": 1e9}}},
-    })
 
 
 async def _serve(mode: str, accounts: int, seconds: float, warmup: float, per_second: float, burst: int) -> None:
     """One side of a round (a child process): its figures as one JSON line on stdout."""
     tag = uuid.uuid4().hex[:6]
     with nats_server() as url:
-        async with dispatcher_hop(url, _config(per_second, burst), rate=mode == "both", budget=mode == "both") as hop:
+        on = mode == "both"
+        async with dispatcher_hop(url, limits_config(per_second, burst), rate=on, budget=on) as hop:
             await hop.saturation(warmup, lambda i: f"a{tag}{i % accounts}")
             cpu0 = time.process_time()
             count, rps, _ = await hop.saturation(seconds, lambda i: f"a{tag}{i % accounts}")

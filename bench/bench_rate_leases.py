@@ -35,26 +35,15 @@ import time
 import uuid
 
 import uvloop
-from hop import dispatcher_hop, pct  # bench/ is on sys.path when a bench runs
+from hop import dispatcher_hop, limits_config, pct  # bench/ is on sys.path when a bench runs
 from machine import describe  # bench/ is on sys.path when a bench runs
 from servers import nats_server  # bench/ is on sys.path when a bench runs
 
-from router import config as config_mod
 from router import ratelimit
 from workers.ratelimits import BUCKET
 from workers.runtime import configure_logging
 
 MODES = ("off", "rate", "rate without leases", "both", "both without leases")
-
-
-def _config(per_second: float, burst: int) -> config_mod.Config:
-    return config_mod.from_mapping({
-        "providers": {"openai": {"format": "openai", "base_url": "http://127.0.0.1:9/v1"}},
-        "pools": {"openai": {"provider": "openai", "concurrency": 64}},
-        "routes": {"draft": {"default": ["openai:gpt-4o-mini"]}},
-        "limits": {"default": {"rate": {"per_second": per_second, "burst": burst},
-                               "budget": {"daily_usd": 1e9, "monthly_usd": 1e9}}},
-    })
 
 
 async def _cell(url: str, mode: str, accounts: int, seconds: float, per_second: float, burst: int,
@@ -68,7 +57,7 @@ async def _cell(url: str, mode: str, accounts: int, seconds: float, per_second: 
     if mode.endswith("without leases"):
         ratelimit.LEASE_SHARE = 10**18
     try:
-        async with dispatcher_hop(url, _config(per_second, burst), rate=mode != "off",
+        async with dispatcher_hop(url, limits_config(per_second, burst), rate=mode != "off",
                                   budget=mode.startswith("both")) as hop:
             rates = hop.rates
 

@@ -28,6 +28,18 @@ from workers.ratelimits import RateLimiter
 from workers.runtime import ensure_topology
 
 
+def limits_config(per_second: float, burst: int) -> config_mod.Config:
+    """One pool, one route, and every account limited to `per_second` with `burst` and $10⁹ a day and a month
+    (a budget that never refuses: no worker settles in these benches)."""
+    return config_mod.from_mapping({
+        "providers": {"openai": {"format": "openai", "base_url": "http://127.0.0.1:9/v1"}},
+        "pools": {"openai": {"provider": "openai", "concurrency": 64}},
+        "routes": {"draft": {"default": ["openai:gpt-4o-mini"]}},
+        "limits": {"default": {"rate": {"per_second": per_second, "burst": burst},
+                               "budget": {"daily_usd": 1e9, "monthly_usd": 1e9}}},
+    })
+
+
 def pct(ms: list[float]) -> tuple[float, float]:
     """p50 and p99 of `ms`."""
     ms = sorted(ms)
