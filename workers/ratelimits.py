@@ -248,24 +248,26 @@ class RateLimiter:
         if held is None:
             return False
         now = now_us()
-        if not held.use(limit, now):
-            held = self._then(key, held, limit, now)
-            if held is None:
-                return False
-        self.local += 1
-        self.from_ahead += held.ahead
-        if (held.left <= held.low or held.renew_due(now)) and held.next is None:
+        spent = self._spend(key, held, limit, now)
+        if spent is None:
+            return False
+        if (spent.left <= spent.low or spent.renew_due(now)) and spent.next is None:
             self._ahead_of_need(key, limit, now)
         return True
 
-    def _then(self, key: str, held: Lease, limit: RateLimit, now: int) -> Lease | None:
-        """The lease after `held` (which has no usable token) in its place, with a token spent at `now`;
-        None when there is none, or it has no usable token either."""
-        nxt = held.then()
-        if nxt is None:
-            return None
-        self._leases[key] = nxt
-        return nxt if nxt.use(limit, now) else None
+    def _spend(self, key: str, held: Lease, limit: RateLimit, now: int) -> Lease | None:
+        """A token spent at `now` from `held`, `key`'s lease, or else from the lease that follows it (which then
+        takes its place), and counted: the lease it came from; None when neither has a usable token."""
+        if not held.use(limit, now):
+            nxt = held.then()
+            if nxt is None:
+                return None
+            held = self._leases[key] = nxt
+            if not nxt.use(limit, now):
+                return None
+        self.local += 1
+        self.from_ahead += held.ahead
+        return held
 
     async def admit(
         self, req: Request, msg: Msg, published_ms: int, limits: LimitsConfig, own: AccountLimits | None = None
@@ -370,14 +372,8 @@ class RateLimiter:
         """An admission from this replica's lease of `key`'s tokens, None when it has no usable token."""
         held = self._leases.get(key)
         now = max(now, now_us())
-        if held is None:
+        if held is None or self._spend(key, held, limit, now) is None:
             return None
-        if not held.use(limit, now):
-            held = self._then(key, held, limit, now)
-            if held is None:
-                return None
-        self.local += 1
-        self.from_ahead += held.ahead
         cached = self._cache.get(key)
         return ratelimit.Decision(True, now, cached[0] if cached is not None else RateState())
 
