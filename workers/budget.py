@@ -199,19 +199,16 @@ COUNTERS_KEPT = 16_384
 """How many accounts' `_Counters` a dispatcher keeps (all of them are dropped when more come: rebuilt on use)."""
 
 
+@dataclass(slots=True)
 class _Counters:
     """An account's `used` counter subjects in the periods `per`, and the caps of `limits` in micro-dollars."""
 
-    __slots__ = ("day", "day_cap", "limits", "month", "month_cap", "per")
-
-    def __init__(self, per: policy.Periods, limits: BudgetLimits, day: str, month: str, day_cap: int | None,
-                 month_cap: int | None) -> None:
-        self.per = per
-        self.limits = limits
-        self.day = day
-        self.month = month
-        self.day_cap = day_cap
-        self.month_cap = month_cap
+    per: policy.Periods
+    limits: BudgetLimits
+    day: str
+    month: str
+    day_cap: int | None
+    month_cap: int | None
 
 
 class Budgets:
