@@ -84,7 +84,6 @@ import contextlib
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import msgspec
 import structlog
@@ -136,10 +135,9 @@ def subject(prefix: str, account: str, period: str, kind: str) -> str:
     return f"{prefix}.budget.{account}.{period}.{kind}"
 
 
-@lru_cache(maxsize=4096)
 def _used_subjects(prefix: str, account: str, day: str, month: str) -> tuple[str, str]:
-    """The `used` counters (day, month) a reservation of `account` in that day and month takes from (kept:
-    asked per request)."""
+    """The `used` counters (day, month) a reservation of `account` in that day and month takes from (kept per
+    account by `Budgets._account`)."""
     return subject(prefix, account, day, "used"), subject(prefix, account, month, "used")
 
 
@@ -335,10 +333,8 @@ class Budgets:
                 or not day.covers(acct.day_cap) or not month.covers(acct.month_cap)):
             return None
         at = now_ms()
-        day.remaining -= amount  # (both covered: neither takes without the other; `Slice.take`, inline)
-        day.last_ms = at
-        month.remaining -= amount
-        month.last_ms = at
+        day.take(amount, at, acct.day_cap)  # (both covered: neither takes without the other)
+        month.take(amount, at, acct.month_cap)
         return self._reserved(mine, amount)
 
     def _account(self, account: str, per: policy.Periods, limits: BudgetLimits) -> _Counters:
@@ -393,7 +389,7 @@ class Budgets:
             held.popitem(last=False)  # the oldest
         if self._sweeper is None or self._sweeper.done():
             self._ensure_sweeper()
-        return amount / policy.MICROS
+        return policy.usd(amount)
 
     async def _lease(self, subj: str, cap: int | None, amount: int) -> bool | int:
         """Reserve `amount` for one request from what is left of this dispatcher's slice of `subj` and a new
