@@ -9,11 +9,14 @@ own process's CPU per request (its producer's and its dispatcher's). The two sha
 the same seconds, so their ratio is not moved by what the machine does meanwhile. Printed: each round's
 figures and ratio, and the median of the ratios.
 
+With `--paced N`, each side runs an open loop of N requests/s instead (after `--warmup` seconds of the same,
+unmeasured): printed are each side's p50 and p99 and the added p50, the figure of the bar at 100 requests/s.
+
 Alternating short windows on one dispatcher then the other would leave the idle one's leases to expire
 and its budget slices to be given back between its windows, which a saturated dispatcher never sees.
 
     .venv/bin/python bench/bench_hop_paired.py [--accounts 10] [--rounds 8] [--seconds 5] [--warmup 2]
-        [--rate 100000,500000]
+        [--rate 100000,500000] [--paced 100]
 """
 
 from __future__ import annotations
@@ -28,19 +31,26 @@ import uuid
 from pathlib import Path
 
 import uvloop
-from hop import dispatcher_hop, limits_config  # bench/ is on sys.path when a bench runs
+from hop import dispatcher_hop, limits_config, pct  # bench/ is on sys.path when a bench runs
 from machine import describe  # bench/ is on sys.path when a bench runs
 from servers import nats_server  # bench/ is on sys.path when a bench runs
 
 from workers.runtime import configure_logging
 
 
-async def _serve(mode: str, accounts: int, seconds: float, warmup: float, per_second: float, burst: int) -> None:
+async def _serve(mode: str, accounts: int, seconds: float, warmup: float, per_second: float, burst: int,
+                 paced: int) -> None:
     """One side of a round (a child process): its figures as one JSON line on stdout."""
     tag = uuid.uuid4().hex[:6]
     with nats_server() as url:
         on = mode == "both"
         async with dispatcher_hop(url, limits_config(per_second, burst), rate=on, budget=on) as hop:
+            if paced:
+                await hop.paced(warmup, lambda i: f"a{tag}{i % accounts}", paced)
+                _, lat = await hop.paced(seconds, lambda i: f"a{tag}{i % accounts}", paced)
+                p50, p99 = pct(lat)
+                print(json.dumps({"p50": p50, "p99": p99}), flush=True)
+                return
             await hop.saturation(warmup, lambda i: f"a{tag}{i % accounts}")
             cpu0 = time.process_time()
             count, rps, _ = await hop.saturation(seconds, lambda i: f"a{tag}{i % accounts}")
@@ -60,6 +70,20 @@ def _round(args: list[str]) -> dict[str, dict[str, float]]:
             raise SystemExit(f"the {mode} side failed (exit {proc.returncode})")
         out[mode] = json.loads(stdout.strip().splitlines()[-1])
     return out
+
+
+def main_paced(accounts: int, rounds: int, per_second: int, args: list[str]) -> None:
+    added = []
+    print("| round | off: p50, p99 ms | both: p50, p99 ms | added p50 |")
+    print("|--:|---|---|---|")
+    for k in range(rounds):
+        got = _round(args)
+        added.append(got["both"]["p50"] - got["off"]["p50"])
+        print(f"| {k + 1} | {got['off']['p50']:.3f}, {got['off']['p99']:.3f} | {got['both']['p50']:.3f},"
+              f" {got['both']['p99']:.3f} | {added[-1]:+.3f} ms |", flush=True)
+    print(f"\n{accounts} accounts at {per_second} requests/s, {rounds} rounds: added p50, median"
+          f" {statistics.median(added):+.3f} ms (from {min(added):+.3f} to {max(added):+.3f})")
+    print(describe("nats-py", "uvloop"), file=sys.stderr)
 
 
 def main(accounts: int, rounds: int, args: list[str]) -> None:
@@ -84,6 +108,8 @@ if __name__ == "__main__":
     p.add_argument("--seconds", type=float, default=5.0, help="measured seconds per round (default 5)")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds of saturation first (default 2)")
     p.add_argument("--rate", default="100000,500000", help="every account's per_second,burst (default 1e5,5e5)")
+    p.add_argument("--paced", type=int, default=0, metavar="N",
+                   help="an open loop of N requests/s on each side instead of saturation; p50 and p99 (default: off)")
     p.add_argument("--serve", choices=("off", "both"), help=argparse.SUPPRESS)  # one side of a round
     a = p.parse_args()
     try:
@@ -91,11 +117,15 @@ if __name__ == "__main__":
         rate_ps, rate_burst = float(ps), int(float(b))
     except ValueError:
         p.error("--rate takes per_second,burst")
-    if a.accounts < 1 or a.rounds < 1 or a.seconds <= 0 or a.warmup < 0:
-        p.error("--accounts and --rounds at least 1, --seconds above 0, --warmup at least 0")
+    if a.accounts < 1 or a.rounds < 1 or a.seconds <= 0 or a.warmup < 0 or a.paced < 0:
+        p.error("--accounts and --rounds at least 1, --seconds above 0, --warmup and --paced at least 0")
     configure_logging("error")
     if a.serve:
-        uvloop.run(_serve(a.serve, a.accounts, a.seconds, a.warmup, rate_ps, rate_burst))
+        uvloop.run(_serve(a.serve, a.accounts, a.seconds, a.warmup, rate_ps, rate_burst, a.paced))
     else:
-        main(a.accounts, a.rounds, ["--accounts", str(a.accounts), "--seconds", str(a.seconds),
-                                    "--warmup", str(a.warmup), "--rate", a.rate])
+        args = ["--accounts", str(a.accounts), "--seconds", str(a.seconds), "--warmup", str(a.warmup),
+                "--rate", a.rate, "--paced", str(a.paced)]
+        if a.paced:
+            main_paced(a.accounts, a.rounds, a.paced, args)
+        else:
+            main(a.accounts, a.rounds, args)

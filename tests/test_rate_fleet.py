@@ -20,7 +20,7 @@ from router import config as config_mod
 from router.config import Config, RateLimit
 from router.providers.fakes import FakeOpenAI
 from schemas import Done, Error, InvalidMessage, Reply, decode_reply, decode_request
-from workers.ratelimits import CACHE_SIZE, REFILL_DELAY_S, RateLimiter, now_us
+from workers.ratelimits import CACHE_SIZE, RateLimiter, now_us
 from workers.runtime import ensure_topology
 
 from .conftest import fleet_config, running_fleet
@@ -165,6 +165,35 @@ async def test_retrying_after_the_hint_succeeds(nats_url: str, fake_openai: Fake
         assert isinstance(again[-1], Done), again[-1]
 
 
+async def test_the_dispatcher_starts_a_refill_once_its_request_is_handed_over(
+    nats_url: str, fake_openai: FakeOpenAI, nc: NATS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workers import ratelimits
+
+    # A timer that would start the refill only after the test gave up: the hand-over alone must start it.
+    monkeypatch.setattr(ratelimits, "REFILL_DELAY_S", 600.0)
+    cfg = _config(fake_openai, per_second=100, burst=400)  # leases of up to 100 tokens
+    account = f"handover-{uuid.uuid4().hex[:8]}"
+    js = nc.jetstream()
+    async with running_fleet(nats_url, cfg, None):
+        before = (await js.stream_info("KV_llm_rates")).state.last_seq
+        replies = await ask_raw(nc, request(account=account), subject=f"llm.req.draft.{account}")
+        assert isinstance(replies[-1], Done)
+        # The request's own decision, then the one token taken ahead for the account's next request.
+        async with asyncio.timeout(5):
+            while (await js.stream_info("KV_llm_rates")).state.last_seq - before < 2:
+                await asyncio.sleep(0.02)
+        assert (await js.stream_info("KV_llm_rates")).state.last_seq - before == 2
+        # The account's next request is admitted from it, with no write of its own (its own refill starts
+        # at its hand-over in turn: the third write).
+        assert isinstance((await ask_raw(nc, request(account=account), subject=f"llm.req.draft.{account}"))[-1], Done)
+        async with asyncio.timeout(5):
+            while (await js.stream_info("KV_llm_rates")).state.last_seq - before < 3:
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)
+        assert (await js.stream_info("KV_llm_rates")).state.last_seq - before == 3
+
+
 async def test_queue_ms_holds_requests_for_their_turn_then_serves_them(
     nats_url: str, fake_openai: FakeOpenAI, nc: NATS
 ) -> None:
@@ -279,9 +308,10 @@ async def test_a_steady_account_under_its_limit_is_mostly_admitted_from_leases(n
         start = now_us() + 60 * 1_000_000
         before = await _kv_writes(conns[0])
         decisions = []
-        for i in range(300):  # a little apart in real time too: a refill starts REFILL_DELAY_S after its request
+        for i in range(300):  # a little apart in real time too: a refill starts once its request is handed over
             decisions.append(await replicas[i % 3].decide("steady", limit, start + i * 1_000_000 // 60))
-            await asyncio.sleep(2 * REFILL_DELAY_S)
+            replicas[i % 3].handed_over("steady")
+            await asyncio.sleep(0.002)
         for r in replicas:
             await r.quiet()
         writes = await _kv_writes(conns[0]) - before

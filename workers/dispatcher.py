@@ -223,6 +223,8 @@ class Dispatcher:
                     await self.budgets.release(self.cfg, req, published_ms, reserved)
                 raise InvalidMessage(f"invalid request: too large to hand to a pool: {exc}", field="$") from None
             ack = await self.pub.publish(f"{self.prefix}.work.{route[0].pool}", work, headers)
+            if self.rates is not None:  # its refill ahead of need, if it started one, goes out now
+                self.rates.handed_over(req.account)
             if ack.duplicate and self.budgets is not None:  # its worker settles the first hand-over's reservation
                 self.budgets.handed_over_already(self.cfg, req, published_ms)
             if ack.duplicate and msg.metadata.num_delivered == 1:

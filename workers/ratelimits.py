@@ -23,25 +23,25 @@ requests of that account on this replica are admitted from them with no round tr
 or expire (`lease_validity_us`). The lease's size follows the account's recent rate on this replica
 (from 1, doubling while a lease is used up within its validity).
 
-A replica takes an account's next lease ahead of need: once a request left its lease of the account with
-no more tokens than its low-water mark (a quarter of them; the last one, or a request admitted by its own
+A replica takes an account's next lease ahead of need: once a request left its lease of the account with no
+more tokens than its low-water mark (a quarter of them; the last one, or a request admitted by its own
 one-token decision, for a lease of one), a background task takes the next one in the account's turn
-(starting `REFILL_DELAY_S` later, so that its compare-and-set does not compete with the hand-over of the
-request that started it), so the account's next requests here keep finding a token instead of awaiting a
-compare-and-set. It does the same when a request used a token of a lease that will expire before the
-account's next request is due here (its latest spacing, if within a validity, is longer than what is left
-of the lease's: `Lease.renew_due`), as after a burst, when a large lease's tokens would expire unused one
-request before the account's pace here catches up. While the lease has usable tokens, the new one follows
-it (`Lease.next`: used once the lease's are used up or expired) and is sized so that the two hold at most
-`lease_cap` tokens; otherwise it takes the lease's place. At most one such refill
-is in flight per account (requests that come while it runs wait for it, then use its tokens), only for
-accounts in the lease LRU, and only while at least half the burst is available
-(`ratelimit.refill_size`): near its limit an account is decided one request at a time, exactly, as
-before. Its size follows the account's use here (`Lease.wanted_ahead`): one token after a request's own
-decision, which makes the account's next request within the lease validity free, but none when the
-replica admitted the account's previous request more than a validity before (an account that sends
-rarer than that would only lose the token and cost a compare-and-set per request). A refill that fails
-is dropped; it never fails a request. `close()` cancels the refills in flight and those about to start.
+(starting once the request that started it is handed over, `handed_over`, or `REFILL_DELAY_S` later at the
+latest, so that its compare-and-set does not compete with that request's hand-over), so the account's next
+requests here keep finding a token instead of awaiting a compare-and-set. It does the same when a request
+used a token of a lease that will expire before the account's next request is due here (its latest spacing,
+if within a validity, is longer than what is left of the lease's: `Lease.renew_due`), as after a burst, when
+a large lease's tokens would expire unused one request before the account's pace here catches up. While the
+lease has usable tokens, the new one follows it (`Lease.next`: used once the lease's are used up or expired)
+and is sized so that the two hold at most `lease_cap` tokens; otherwise it takes the lease's place. At most
+one such refill is in flight per account (requests that come while it runs wait for it, then use its
+tokens), only for accounts in the lease LRU, and only while at least half the burst is available
+(`ratelimit.refill_size`): near its limit an account is decided one request at a time, exactly, as before.
+Its size follows the account's use here (`Lease.wanted_ahead`): one token after a request's own decision,
+which makes the account's next request within the lease validity free, but none when the replica admitted
+the account's previous request more than a validity before (an account that sends rarer than that would only
+lose the token and cost a compare-and-set per request). A refill that fails is dropped; it never fails a
+request. `close()` cancels the refills in flight and those about to start.
 
 Requests that may wait (`queue_ms`), pool limits and limits with `tokens_per_minute` are always
 decided one at a time on the shared state, and trigger no refill. A refusal is only ever given by the
@@ -90,11 +90,13 @@ exact to the millisecond)."""
 _CAS_TRIES = 50
 _REFILL_TRIES = 3
 """Compare-and-sets a refill ahead of need tries before it is dropped (nobody waits on it for long)."""
-REFILL_DELAY_S = 0.001
-"""How long after the request that emptied a lease its refill starts: the request is handed over first
-(bench/RESULTS.md "Settlements in batches and rate leases taken ahead": started at once, the refill's
-compare-and-set went out beside the request's work item and added to its hop). A request that comes
-meanwhile does not wait for it: it decides as before."""
+REFILL_DELAY_S = 0.005
+"""How long after the request that left a lease at its low-water mark its refill starts at the latest; the
+dispatcher starts it as soon as that request is handed over (`handed_over`). Started at once, the refill's
+compare-and-set went out beside the request's work item and added to its hop; started on a fixed 1 ms timer,
+it still did whenever the hand-over took longer (bench/RESULTS.md "Settlements in batches and rate leases
+taken ahead" and "A refill started by the hand-over"). A request that comes meanwhile does not wait for it:
+it decides as before."""
 _WRONG_LAST = (10071, 10164)  # the server's "wrong last sequence" error codes
 
 
@@ -211,8 +213,9 @@ class RateLimiter:
         """Compare-and-sets that took more than one token."""
         self._refills: dict[str, asyncio.Task[None]] = {}
         """The refill ahead of need in flight per account (at most one, for accounts in `_leases`)."""
-        self._due: dict[str, asyncio.TimerHandle] = {}
-        """Refills about to start (REFILL_DELAY_S), per account."""
+        self._due: dict[str, tuple[asyncio.TimerHandle, RateLimit, int, Lease]] = {}
+        """Refills about to start (at the request's hand-over, or REFILL_DELAY_S later), per account: the timer
+        and `_start_refill`'s arguments."""
         self._closed = False
         self.ahead = 0
         """Leases taken ahead of need (refills)."""
@@ -343,7 +346,7 @@ class RateLimiter:
     async def close(self) -> None:
         """Cancel the refills ahead of need in flight and take no more (a dispatcher that stops)."""
         self._closed = True
-        for handle in self._due.values():
+        for handle, *_ in self._due.values():
             handle.cancel()
         self._due.clear()
         refills = list(self._refills.values())
@@ -353,8 +356,11 @@ class RateLimiter:
         self._refills.clear()
 
     async def quiet(self) -> None:
-        """Until no refill ahead of need is in flight or about to start (for counting the state's writes)."""
+        """Until no refill ahead of need is in flight or about to start (for counting the state's writes); those
+        about to start start now."""
         while self._due or any(not t.done() for t in self._refills.values()):
+            for key in list(self._due):
+                self._start_refill(key)
             if refills := [t for t in self._refills.values() if not t.done()]:
                 await asyncio.wait(refills)
             else:
@@ -413,11 +419,20 @@ class RateLimiter:
         running = self._refills.get(key)
         if key in self._due or (running is not None and not running.done()):
             return
-        self._due[key] = asyncio.get_running_loop().call_later(
-            REFILL_DELAY_S, self._start_refill, key, limit, now, held)
+        timer = asyncio.get_running_loop().call_later(REFILL_DELAY_S, self._start_refill, key)
+        self._due[key] = (timer, limit, now, held)
 
-    def _start_refill(self, key: str, limit: RateLimit, now: int, replacing: Lease) -> None:
-        del self._due[key]
+    def handed_over(self, account: str) -> None:
+        """A request of `account` was handed over: the account's refill ahead of need, if one is due, starts
+        now rather than at its timer (the dispatcher calls it once the work item is stored)."""
+        if self._due:
+            key = f"a.{account}"
+            if key in self._due:
+                self._start_refill(key)
+
+    def _start_refill(self, key: str) -> None:
+        timer, limit, now, replacing = self._due.pop(key)
+        timer.cancel()
         task = asyncio.get_running_loop().create_task(self._refill(key, limit, now, replacing))
         self._refills[key] = task
         task.add_done_callback(lambda done: self._refills.pop(key) if self._refills.get(key) is done else None)
