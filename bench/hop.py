@@ -25,7 +25,7 @@ from workers.budget import Budgets
 from workers.dispatcher import Dispatcher
 from workers.publish import Publisher
 from workers.ratelimits import RateLimiter
-from workers.runtime import ensure_topology
+from workers.runtime import ensure_topology, settle_heap
 
 
 def limits_config(per_second: float, burst: int) -> config_mod.Config:
@@ -111,9 +111,12 @@ class Hop:
 
 
 @asynccontextmanager
-async def dispatcher_hop(url: str, cfg: config_mod.Config, *, rate: bool, budget: bool) -> AsyncIterator[Hop]:
-    """A dispatcher with a rate limiter and/or budgets on a clean `LLM_WORK`, half a second after it started.
-    On the way out it stops, and its budgets give back the slices they leased, as a dispatcher's do."""
+async def dispatcher_hop(url: str, cfg: config_mod.Config, *, rate: bool, budget: bool, settle: bool = True
+                         ) -> AsyncIterator[Hop]:
+    """A dispatcher with a rate limiter and/or budgets on a clean `LLM_WORK`, half a second after it started,
+    with the process's heap settled as a dispatcher process settles its own (`settle_heap`; not with
+    `settle=False`). On the way out it stops, and its budgets give back the slices they leased, as a
+    dispatcher's do."""
     nc = await nats.connect(url)
     dnc = await nats.connect(url)
     stop = asyncio.Event()
@@ -132,6 +135,8 @@ async def dispatcher_hop(url: str, cfg: config_mod.Config, *, rate: bool, budget
         hop._send_nc = nc
         await nc.subscribe("llm.work.openai", cb=hop.on_work)
         await asyncio.sleep(0.5)
+        if settle:
+            settle_heap()
         yield hop
     finally:
         stop.set()

@@ -31,7 +31,7 @@ from .provider import PoolWorker
 from .publish import Publisher
 from .ratelimits import RateLimiter
 from .retention import Retention
-from .runtime import connect, ensure_topology
+from .runtime import connect, ensure_topology, settle_heap
 from .tracing import Tracing
 from .tracing import from_env as tracing_from_env
 
@@ -136,6 +136,7 @@ async def _run_dispatcher(
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(live.follow(js, stop))
+                settle_heap()
                 await dispatcher.serve(stop)
         finally:
             if dispatcher.budgets is not None:
@@ -206,6 +207,7 @@ async def _run_worker(
                         tg.create_task(keyring.run(stop))
                         await keyring.first_load()
                     tg.create_task(discovery.watch_provider(stop, worker))  # its provider's health, in its stats
+                    settle_heap()
                     await worker.serve(stop)
             finally:
                 await budgets.stop()  # sends the settlements not sent yet, before the connection drains
@@ -231,6 +233,7 @@ async def run_auditor(
             try:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(Retention(pool, cfg.audit.retention_days).run(stop))  # audit.retention_days
+                    settle_heap()
                     await auditor.serve(stop)
             finally:
                 await discovery.stop_quietly(found)
