@@ -176,3 +176,38 @@ async def test_reserve_here_takes_from_both_slices_or_from_neither(nc: NATS, dis
                          prompt_tokens=10)
     with pytest.raises(BudgetRefused):
         budgets.reserve_here(cfg, _req("h4", "here", 100), unpriced, published)
+
+
+@pytest.mark.timeout(300)
+async def test_ten_thousand_accounts_at_once_stay_exact_and_bounded(
+    nc: NATS, dispatchers: list[Budgets], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Bounds smaller than the accounts, so that keeping within them is shown (as shipped they are 16,384).
+    monkeypatch.setattr(budget_mod, "COUNTERS_KEPT", 1000)
+    monkeypatch.setattr(budget_mod, "HELD_MAX", 2000)
+    # $0.05 a day, $0.02 a request: two fit, a third would pass the limit.
+    cfg = _config(FakeOpenAI(), daily_usd=0.05)
+    published = now_ms()
+    gate = asyncio.Semaphore(64)
+    reserved: dict[str, int] = {}
+
+    async def account(n: int) -> None:
+        name = f"many{n}"
+        async with gate:  # one request of the account through each dispatcher, at once
+            got = await asyncio.gather(*(b.reserve(cfg, _req(f"{name}-{i}", name, 10), SELECTION, published)
+                                         for i, b in enumerate(dispatchers)), return_exceptions=True)
+        assert all(isinstance(g, float | BudgetRefused) for g in got), got
+        reserved[name] = sum(isinstance(g, float) for g in got)
+
+    await asyncio.gather(*(account(n) for n in range(10_000)))
+    assert len(reserved) == 10_000 and set(reserved.values()) == {2}
+    for b in dispatchers:
+        assert len(b._counters) <= 1000 and len(b._held) <= 2000
+    # Idle slices are given back: nothing stays held, and each account's counters are exactly its reservations.
+    async with asyncio.timeout(30):
+        while any(b.slices.held for b in dispatchers):
+            await asyncio.sleep(0.2)
+    month = policy.periods(published, cfg.limits.timezone).month
+    for n in range(0, 10_000, 97):
+        assert await _used(nc, cfg, f"many{n}") == 2 * 20_000
+        assert await counter(nc.jetstream(), subject("llm", f"many{n}", month, "used")) == 2 * 20_000
