@@ -154,6 +154,8 @@ def permissions(user: User, prefix: str = "llm") -> Permissions | None:
                     *_service(user, prefix),
                     "$JS.API.CONSUMER.MSG.NEXT.LLM_REQ.dispatch", "$JS.ACK.LLM_REQ.dispatch.>",
                     f"{prefix}.work.*",
+                    # what took a hand-over's id: its work item or a probe (workers/dispatcher.py `_probe_at`)
+                    "$JS.API.STREAM.MSG.GET.LLM_WORK",
                 ),
                 # the admin service (`<prefix>.admin.*`, micro discovery on `$SRV.>`)
                 subscribe=("_INBOX.>", f"{prefix}.admin.>", "$SRV.>"),

@@ -13,9 +13,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from router.providers.fakes import FakeOpenAI
-from schemas import Error, decode_reply
+from schemas import Error, decode_reply, decode_work
 from workers.budget import Budgets
-from workers.dispatcher import Dispatcher
+from workers.dispatcher import PROBE_TTL_S, Dispatcher
 from workers.progress import Progress, ensure_bucket
 from workers.publish import Publisher
 from workers.runtime import ensure_topology
@@ -113,9 +113,98 @@ async def test_a_redelivery_that_was_handed_over_already_is_not_refused(nc: NATS
     # so it is acknowledged without a word, rather than a refusal following that answer.
     replies, items = await _one_refused_then_redelivered(nc, progress=True, handed_before=True)
     assert replies == [] and items == []
-    # A redelivery never handed over (and with no refusal kept) is refused as always, and the probe that looked
-    # for its hand-over is gone.
+    # A redelivery never handed over (and with no refusal kept) is refused as always; the probe that looked for
+    # its hand-over stays only for its TTL.
     replies, items = await _one_refused_then_redelivered(nc, progress=False, raise_budget=False)
     assert [type(r) for r in replies] == [Error, Error] and items == []
-    info = await nc.jetstream().stream_info("LLM_WORK", subjects_filter="llm.work.$handed")
-    assert not info.state.subjects
+    probe = await nc.jetstream().get_msg("LLM_WORK", subject="llm.work.$handed")
+    assert probe.headers is not None and probe.headers.get("Nats-TTL") == str(PROBE_TTL_S)
+
+
+async def _probed_then(nc: NATS, admit_later: bool, refuse_after: bool = False) -> tuple[list[Any], list[bytes]]:
+    """A request refused on its second delivery (a budget of $0), whose probe found no hand-over, but whose
+    refusal could not be kept (NATS failing just then): nothing went out, and the message comes back. Its third
+    delivery meets a budget of $100 with `admit_later`, else $0 again; with `refuse_after`, a fourth delivery
+    (the third's acknowledgement lost) meets $0. The replies and the work items stored for the pool (a core
+    subscriber would also see publishes the stream dropped as duplicates)."""
+    fake = FakeOpenAI()
+    refusing, admitting = _config(fake, daily_usd=0.0), _config(fake, daily_usd=100.0)
+    js = nc.jetstream()
+    await ensure_topology(js, refusing)
+    for stream in ("LLM_REQ", "LLM_WORK", "LLM_DLQ"):
+        await js.purge_stream(stream)
+    budgets = await Budgets.open(js, "llm")
+    progress = Progress(nc, await ensure_bucket(js))
+    dispatcher = Dispatcher(js, Publisher(nc, js, "llm"), refusing, budgets=budgets, progress=progress)
+    inbox = f"_INBOX.probed.{uuid.uuid4().hex}"
+    replies: list[Any] = []
+
+    async def on_reply(m: Msg) -> None:
+        replies.append(decode_reply(m.data))
+
+    await nc.subscribe(inbox, cb=on_reply)
+    body = {**request(PROMPT, max_tokens=MAX_TOKENS, account="acme"), "reply_to": inbox}
+    await js.publish("llm.req.draft.acme", msgspec.json.encode(body))
+    sub = await js.pull_subscribe_bind("dispatch", "LLM_REQ")
+    keep = progress.refusing
+
+    async def failing(seq: int, refusal: bytes) -> None:
+        raise TimeoutError("nats: timeout")
+
+    try:
+        [first] = await sub.fetch(1, timeout=5)
+        await first.nak()  # its dispatcher lost before it decided anything
+        [second] = await sub.fetch(1, timeout=5)
+        progress.refusing = failing  # type: ignore[method-assign]
+        try:
+            await dispatcher.handle(second)
+        except Exception:
+            pass  # what the pull loop sees: the message is delivered again
+        else:
+            raise AssertionError("a refusal that could not be kept must not be answered")
+        progress.refusing = keep  # type: ignore[method-assign]
+        await second.nak()
+        if admit_later:
+            dispatcher.cfg = admitting
+        [third] = await sub.fetch(1, timeout=5)
+        assert third.metadata.num_delivered == 3
+        if refuse_after:
+            third.ack = lambda: asyncio.sleep(0)  # type: ignore[method-assign,assignment,return-value]
+        await dispatcher.handle(third)
+        if refuse_after:
+            dispatcher.cfg = refusing
+            await third.nak()
+            [fourth] = await sub.fetch(1, timeout=5)
+            await dispatcher.handle(fourth)
+        await nc.flush()
+        await asyncio.sleep(0.3)
+        assert (await js.stream_info("LLM_REQ")).state.messages == 0
+        stored = (await js.stream_info("LLM_WORK", subjects_filter="llm.work.openai")).state.subjects or {}
+        items = []
+        if stored:
+            items.append((await js.get_msg("LLM_WORK", subject="llm.work.openai")).data or b"")
+        assert stored.get("llm.work.openai", 0) == len(items)
+    finally:
+        await sub.unsubscribe()
+        await budgets.stop()
+    return replies, items
+
+
+async def test_a_probe_whose_refusal_was_not_kept_does_not_swallow_the_later_hand_over(nc: NATS) -> None:
+    # The probe took the hand-over's id (a deleted message's id stays taken for the duplicate window): the later
+    # admitted delivery finds the probe behind it and hands over under the next id, rather than taking the
+    # probe for its own earlier hand-over and acknowledging a request nobody serves.
+    replies, items = await _probed_then(nc, admit_later=True)
+    assert replies == [] and len(items) == 1
+    [item] = items
+    assert decode_work(item).request.account == "acme"
+
+
+async def test_a_second_probe_is_not_answered_by_the_first(nc: NATS) -> None:
+    # Refused again: the second probe finds the first behind the id, not a hand-over, so the request is refused
+    # (one answer) instead of acknowledged without one.
+    replies, items = await _probed_then(nc, admit_later=False)
+    assert [type(r) for r in replies] == [Error] and replies[0].code == "BUDGET_EXCEEDED" and items == []
+    # And one handed over under the next id is found there by a later probe: not refused after its answer.
+    replies, items = await _probed_then(nc, admit_later=True, refuse_after=True)
+    assert replies == [] and len(items) == 1

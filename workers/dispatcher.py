@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import PubAck
+from nats.js.errors import NotFoundError
 
 from router.config import Config
 from router.errors import ErrorCode, SwitchyardError
@@ -60,6 +61,18 @@ def _check_deadline(req: Request, published_ms: int) -> None:
             f"the request waited {waited} ms in the queue, past its timeout_ms of {req.timeout_ms}; nothing was sent"
             " to a provider",
         )
+
+
+PROBE_TTL_S = 300
+"""How long a hand-over probe (`Dispatcher._handed_over`) stays in LLM_WORK: past the stream's 120 s duplicate
+window, so that while its id is taken a hand-over that finds the id taken also finds the probe that took it."""
+
+
+def _hand_over_id(req: Request, k: int) -> str:
+    """The `k`-th message id a request's work item may be stored under: `<account>:<id>`, then, past ids that
+    probes took (`_handed_over`), `<account>:<id>:<k>`. A request's deliveries are at most MAX_DELIVER, and
+    each makes at most one probe, so the ids never run out."""
+    return f"{req.account}:{req.id}" if k == 0 else f"{req.account}:{req.id}:{k}"
 
 
 class ReusedId(InvalidMessage):
@@ -212,7 +225,7 @@ class Dispatcher:
             route = selection.chain
             work = encode(WorkItem(request=req, route=route, attempts=selection.attempts(), accepted_ms=published_ms,
                                    reserved_usd=reserved, budget=admitted.budget if reserved else None))
-            headers = {"Nats-Msg-Id": f"{req.account}:{req.id}"}
+            headers = {"Nats-Msg-Id": _hand_over_id(req, 0)}
             self.tracing.inject(headers, msg.headers)  # the worker's attempt spans are children of this one
             if self.tracing.on:
                 self.tracing.current().set_attribute("switchyard.route", [str(t) for t in route])
@@ -223,6 +236,8 @@ class Dispatcher:
                     await self.budgets.release(self.cfg, req, published_ms, reserved)
                 raise InvalidMessage(f"invalid request: too large to hand to a pool: {exc}", field="$") from None
             ack = await self.pub.publish(f"{self.prefix}.work.{route[0].pool}", work, headers)
+            if ack.duplicate and msg.metadata.num_delivered > 1:  # its earlier hand-over, or a probe's id
+                ack = await self._past_probes(f"{self.prefix}.work.{route[0].pool}", work, headers, req, ack)
             if self.rates is not None:  # its refill ahead of need, if it started one, goes out now
                 self.rates.handed_over(req.account)
             if ack.duplicate and self.budgets is not None:  # its worker settles the first hand-over's reservation
@@ -258,17 +273,44 @@ class Dispatcher:
     async def _handed_over(self, req: Request) -> bool:
         """Whether an earlier delivery of `req` handed it over to a pool: a probe with the hand-over's message id
         on `<prefix>.work.$handed` (a subject no pool reads) is a duplicate exactly when the work item was
-        published within the duplicate window; a probe that is not one is deleted again (asked only before a
-        redelivery is refused, so an id it may leave behind is one no hand-over of this request will use).
+        published within the duplicate window. A probe that is not one takes the id (a deleted message's id
+        stays taken for the window): it is stored for PROBE_TTL_S, so that a later delivery that is admitted
+        after all (this refusal could not be kept) finds the probe behind the id and hands over under the
+        next id (`_past_probes`); a later probe does the same. Asked only before a redelivery is refused.
         Raises what NATS raises (the request is then delivered again)."""
-        ack = await self.pub.js.publish(f"{self.prefix}.work.$handed", b"",
-                                        headers={"Nats-Msg-Id": f"{req.account}:{req.id}"})
-        if ack.duplicate:
-            return True
-        with contextlib.suppress(Exception):  # (a secure fleet's dispatcher may not delete: the probe stays)
-            async with asyncio.timeout(2):
-                await self.pub.js.delete_msg(ack.stream, ack.seq)
+        subject = f"{self.prefix}.work.$handed"
+        for k in range(MAX_DELIVER + 1):
+            ack = await self.pub.js.publish(subject, b"", headers={"Nats-Msg-Id": _hand_over_id(req, k)},
+                                            msg_ttl=PROBE_TTL_S)
+            if not ack.duplicate:
+                return False
+            if not await self._probe_at(ack):
+                return True
         return False
+
+    async def _past_probes(self, subject: str, work: bytes, headers: dict[str, str], req: Request, ack: PubAck
+                           ) -> PubAck:
+        """The hand-over of a redelivered request whose id was found taken (`ack`): by its own earlier hand-over
+        (kept as is), or by probes of earlier deliveries refused after them whose refusal could not be kept
+        (`_handed_over`): then under the first id no probe took."""
+        for k in range(1, MAX_DELIVER + 2):
+            if not await self._probe_at(ack):
+                return ack
+            headers["Nats-Msg-Id"] = _hand_over_id(req, k)
+            ack = await self.pub.publish(subject, work, headers)
+            if not ack.duplicate:
+                return ack
+        return ack
+
+    async def _probe_at(self, ack: PubAck) -> bool:
+        """Whether the message that took a duplicate's id (`ack.seq` of a duplicate is the first one's) is a
+        hand-over probe. A work item taken by its worker is gone from the work queue; a probe stays longer
+        than its id is taken. Raises what NATS raises."""
+        try:
+            first = await self.pub.js.get_msg(ack.stream, ack.seq)
+        except NotFoundError:
+            return False
+        return first.subject == f"{self.prefix}.work.$handed"
 
     async def give_up(self, msg: Msg, reason: str) -> None:
         """The pull loop's last resort: answer INTERNAL when a reply subject can be read, copy to the DLQ."""

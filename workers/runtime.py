@@ -175,8 +175,9 @@ def _streams(prefix: str, events_days: float = 7.0) -> list[js_api.StreamConfig]
     return [
         js_api.StreamConfig(name="LLM_REQ", subjects=[f"{prefix}.req.>"], retention=work, storage=file,
                             duplicate_window=120.0),
+        # Per-message TTLs for the dispatcher's hand-over probes (workers/dispatcher.py `_handed_over`).
         js_api.StreamConfig(name="LLM_WORK", subjects=[f"{prefix}.work.>"], retention=work, storage=file,
-                            duplicate_window=120.0),
+                            duplicate_window=120.0, allow_msg_ttl=True),
         # Budget alerts (`<prefix>.alerts.budget`) travel with the events, to the same auditor.
         js_api.StreamConfig(name="LLM_EVENTS", subjects=[f"{prefix}.events.>", f"{prefix}.alerts.>"],
                             retention=limits, storage=file, max_age=events_days * DAY, duplicate_window=120.0),
