@@ -10,7 +10,7 @@ from pathlib import Path
 from router.config import ConfigError
 
 from . import metrics, processes
-from .commands import accounts, ask, budget, dlq, explain, fleet, keys, providers, report, reprice, status
+from .commands import accounts, ask, budget, dlq, explain, fleet, keys, providers, rate, report, reprice, status
 from .commands import breaker as breaker_noun
 from .commands import config as config_noun
 from .commands import creds as creds_noun
@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     metrics.add_options(w)
 
     # the operator's commands, one module each
-    for noun in (ask, status, dlq, config_noun, accounts, explain, providers, budget, report, reprice, keys):
+    for noun in (ask, status, dlq, config_noun, accounts, explain, providers, budget, rate, report, reprice, keys):
         noun.register(sub)
     breaker_noun.register(sub)
     health_noun.register(sub)

@@ -81,7 +81,7 @@ async def budget_command(args: argparse.Namespace) -> int:
         js = nc.jetstream()
         prefix = await fleet_prefix(js, url)
         try:
-            cfg = await _config(js, args.config, args.data_dir)
+            cfg = await running_config(js, args.config, args.data_dir)
         except ConfigError as exc:
             say(str(exc))
             return REFUSED
@@ -91,7 +91,7 @@ async def budget_command(args: argparse.Namespace) -> int:
                 say("budget set: give --daily and/or --monthly (USD, or `unlimited`), or --alert-at")
                 return REFUSED
             return await account_limits.set_limits(args, amounts, cfg.limits, "the fleet's")
-        table = await _table(args.data_dir)
+        table = await own_limits(args.data_dir)
         if args.action == "reset":
             return await _reset(js, prefix, cfg, args.account, args.period, table)
         rows = await status(js, prefix, cfg, args.account, table)
@@ -102,7 +102,8 @@ async def budget_command(args: argparse.Namespace) -> int:
     return OK
 
 
-async def _config(js: JetStreamContext, path: str | None, data_dir: Path | None) -> Config:
+async def running_config(js: JetStreamContext, path: str | None, data_dir: Path | None) -> Config:
+    """The config the fleet runs (pushed), else `path` or the one `switchyard up` left under `data_dir`."""
     if path is None:  # what the fleet runs now beats any file
         pushed = await configstore.current(js)
         if pushed is not None:
@@ -110,7 +111,7 @@ async def _config(js: JetStreamContext, path: str | None, data_dir: Path | None)
     return routing_config(path, data_dir)[0]
 
 
-async def _table(data_dir: Path | None) -> dict[str, AccountLimits]:
+async def own_limits(data_dir: Path | None) -> dict[str, AccountLimits]:
     """The accounts' own limits; none when the fleet has no database (its limits are then the config's).
     Raises NoFleet when there is a database and it cannot be reached."""
     if database_url(data_dir) is None:
