@@ -23,6 +23,7 @@ from router.limits import source as limits_source
 from router.ratelimit import RateState
 
 from ..ratelimits import BUCKET, now_us
+from .accounts import name
 from .budget import own_limits, running_config
 from .fleet import OK, REFUSED, connected, fleet_prefix, say
 
@@ -53,7 +54,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     actions = r.add_subparsers(dest="action", required=True)
     status = actions.add_parser("status", help="per account: its limit, requests available now, until the"
                                 " bucket is full, until the next request is admitted")
-    status.add_argument("--account", help="one account (default: every account with a bucket in use)")
+    status.add_argument("--account", type=name, help="one account (default: every account with a bucket in use)")
     status.add_argument("--json", action="store_true", help="a JSON array instead of a table")
     status.add_argument("--data-dir", type=Path, default=None, help="find the fleet `switchyard up` started here")
     status.add_argument("--config", default=None, help="the config for limits (default: the fleet's)")
