@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
+from router.config import Config
 from router.providers.fakes import FakeOpenAI
 from schemas import Error, decode_reply, decode_work
 from workers.budget import Budgets
@@ -24,6 +27,44 @@ from .helpers import request
 from .test_budget_fleet import MAX_TOKENS, PROMPT, _config
 
 
+@dataclass
+class _Scene:
+    """One request of account `acme` published into a clean LLM_REQ, a dispatcher with budgets under a config
+    of $0 a day (`refusing`; `admitting` is $100), its consumer bound, and the replies on the request's inbox."""
+
+    js: JetStreamContext
+    dispatcher: Dispatcher
+    budgets: Budgets
+    sub: JetStreamContext.PullSubscription
+    body: dict[str, Any]
+    replies: list[Any]
+    refusing: Config
+    admitting: Config
+
+    @classmethod
+    async def start(cls, nc: NATS, progress: bool) -> _Scene:
+        fake = FakeOpenAI()
+        refusing, admitting = _config(fake, daily_usd=0.0), _config(fake, daily_usd=100.0)
+        js = nc.jetstream()
+        await ensure_topology(js, refusing)
+        for stream in ("LLM_REQ", "LLM_WORK", "LLM_DLQ"):
+            await js.purge_stream(stream)
+        budgets = await Budgets.open(js, "llm")
+        dispatcher = Dispatcher(js, Publisher(nc, js, "llm"), refusing, budgets=budgets,
+                                progress=Progress(nc, await ensure_bucket(js)) if progress else None)
+        inbox = f"_INBOX.once.{uuid.uuid4().hex}"
+        replies: list[Any] = []
+
+        async def on_reply(m: Msg) -> None:
+            replies.append(decode_reply(m.data))
+
+        await nc.subscribe(inbox, cb=on_reply)
+        body = {**request(PROMPT, max_tokens=MAX_TOKENS, account="acme"), "reply_to": inbox}
+        await js.publish("llm.req.draft.acme", msgspec.json.encode(body))
+        sub = await js.pull_subscribe_bind("dispatch", "LLM_REQ")
+        return cls(js, dispatcher, budgets, sub, body, replies, refusing, admitting)
+
+
 async def _one_refused_then_redelivered(
     nc: NATS, progress: bool, handed_before: bool = False, raise_budget: bool = True
 ) -> tuple[list[Any], list[bytes]]:
@@ -31,31 +72,15 @@ async def _one_refused_then_redelivered(
     term; the budget raised to $100 before the redelivery. With `handed_before`, the request's first delivery
     had handed it over instead (its work item id is taken) and the redelivery finds a budget of $0. The replies,
     and the work items handed to the pool."""
-    fake = FakeOpenAI()
-    refusing, admitting = _config(fake, daily_usd=0.0), _config(fake, daily_usd=100.0)
-    js = nc.jetstream()
-    await ensure_topology(js, refusing)
-    await js.purge_stream("LLM_REQ")
-    await js.purge_stream("LLM_WORK")
-    await js.purge_stream("LLM_DLQ")
-    budgets = await Budgets.open(js, "llm")
-    dispatcher = Dispatcher(js, Publisher(nc, js, "llm"), refusing, budgets=budgets,
-                            progress=Progress(nc, await ensure_bucket(js)) if progress else None)
-    inbox = f"_INBOX.once.{uuid.uuid4().hex}"
-    replies: list[Any] = []
+    scene = await _Scene.start(nc, progress)
+    js, dispatcher, budgets, sub, body = scene.js, scene.dispatcher, scene.budgets, scene.sub, scene.body
+    replies, admitting = scene.replies, scene.admitting
     items: list[bytes] = []
-
-    async def on_reply(m: Msg) -> None:
-        replies.append(decode_reply(m.data))
 
     async def on_item(m: Msg) -> None:
         items.append(m.data)
 
-    await nc.subscribe(inbox, cb=on_reply)
     await nc.subscribe("llm.work.openai", cb=on_item)
-    body = {**request(PROMPT, max_tokens=MAX_TOKENS, account="acme"), "reply_to": inbox}
-    await js.publish("llm.req.draft.acme", msgspec.json.encode(body))
-    sub = await js.pull_subscribe_bind("dispatch", "LLM_REQ")
     try:
         [first] = await sub.fetch(1, timeout=5)
         if handed_before:  # its work item went out (the id is taken), then its dispatcher died before the ack
@@ -127,25 +152,11 @@ async def _probed_then(nc: NATS, admit_later: bool, refuse_after: bool = False) 
     delivery meets a budget of $100 with `admit_later`, else $0 again; with `refuse_after`, a fourth delivery
     (the third's acknowledgement lost) meets $0. The replies and the work items stored for the pool (a core
     subscriber would also see publishes the stream dropped as duplicates)."""
-    fake = FakeOpenAI()
-    refusing, admitting = _config(fake, daily_usd=0.0), _config(fake, daily_usd=100.0)
-    js = nc.jetstream()
-    await ensure_topology(js, refusing)
-    for stream in ("LLM_REQ", "LLM_WORK", "LLM_DLQ"):
-        await js.purge_stream(stream)
-    budgets = await Budgets.open(js, "llm")
-    progress = Progress(nc, await ensure_bucket(js))
-    dispatcher = Dispatcher(js, Publisher(nc, js, "llm"), refusing, budgets=budgets, progress=progress)
-    inbox = f"_INBOX.probed.{uuid.uuid4().hex}"
-    replies: list[Any] = []
-
-    async def on_reply(m: Msg) -> None:
-        replies.append(decode_reply(m.data))
-
-    await nc.subscribe(inbox, cb=on_reply)
-    body = {**request(PROMPT, max_tokens=MAX_TOKENS, account="acme"), "reply_to": inbox}
-    await js.publish("llm.req.draft.acme", msgspec.json.encode(body))
-    sub = await js.pull_subscribe_bind("dispatch", "LLM_REQ")
+    scene = await _Scene.start(nc, progress=True)
+    js, dispatcher, budgets, sub = scene.js, scene.dispatcher, scene.budgets, scene.sub
+    replies, refusing, admitting = scene.replies, scene.refusing, scene.admitting
+    progress = dispatcher.progress
+    assert progress is not None
     keep = progress.refusing
 
     async def failing(seq: int, refusal: bytes) -> None:
@@ -155,7 +166,7 @@ async def _probed_then(nc: NATS, admit_later: bool, refuse_after: bool = False) 
         [first] = await sub.fetch(1, timeout=5)
         await first.nak()  # its dispatcher lost before it decided anything
         [second] = await sub.fetch(1, timeout=5)
-        progress.refusing = failing  # type: ignore[method-assign]
+        progress.refusing = failing  # type: ignore[method-assign,assignment]
         try:
             await dispatcher.handle(second)
         except Exception:
@@ -169,7 +180,7 @@ async def _probed_then(nc: NATS, admit_later: bool, refuse_after: bool = False) 
         [third] = await sub.fetch(1, timeout=5)
         assert third.metadata.num_delivered == 3
         if refuse_after:
-            third.ack = lambda: asyncio.sleep(0)  # type: ignore[method-assign,assignment,return-value]
+            third.ack = lambda: asyncio.sleep(0)  # type: ignore[method-assign]
         await dispatcher.handle(third)
         if refuse_after:
             dispatcher.cfg = refusing
